@@ -1,0 +1,98 @@
+"""Name -> implementation registries for strategies, models, datasets and scenarios.
+
+Built-ins live in packages that are imported the first time a registry is
+asked for a name; third-party packages add entries through the entry-point
+groups `cl.strategies`, `cl.scenarios`, `cl.datasets` and `cl.models`
+(an entry point names a module or object to import; importing it registers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from cl.errors import UserError
+from cl.params import NoParams
+
+
+@dataclasses.dataclass
+class Entry:
+    name: str
+    obj: Any
+    params: type
+    doc: str
+    source: str  # module that registered it
+
+
+class Registry:
+    def __init__(self, kind: str, builtin_modules: list[str], group: str, list_command: str):
+        self.kind = kind
+        self.builtin_modules = builtin_modules
+        self.group = group
+        self.list_command = list_command
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+
+    def register(self, name: str, params: type | None = None) -> Callable[[Any], Any]:
+        """Decorator: `@REGISTRY.register("name", params=ParamsDataclass)`.
+
+        For classes, `params` defaults to the class attribute `Params`.
+        """
+
+        def decorator(obj: Any) -> Any:
+            p = params if params is not None else getattr(obj, "Params", NoParams)
+            if not dataclasses.is_dataclass(p):
+                raise TypeError(f"{self.kind} {name!r}: params must be a dataclass, got {p!r}")
+            existing = self._entries.get(name)
+            if existing is not None and existing.obj is not obj and existing.source != obj.__module__:
+                raise ValueError(f"{self.kind} {name!r} is registered twice "
+                                 f"({existing.source} and {obj.__module__})")
+            doc = inspect.getdoc(obj) or ""
+            self._entries[name] = Entry(name, obj, p, doc.strip().splitlines()[0] if doc else "",
+                                        obj.__module__)
+            if inspect.isclass(obj):
+                obj.registered_name = name
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self.builtin_modules:
+            importlib.import_module(module)
+        for ep in entry_points(group=self.group):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin must not hide the built-ins
+                raise UserError(f"plugin entry point {ep.name!r} ({ep.value}) in group {self.group} "
+                                f"failed to import: {exc}; fix or uninstall that package") from None
+
+    def get(self, name: str) -> Entry:
+        self._load()
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise UserError(f"unknown {self.kind} {name!r}; known: {known} "
+                            f"(see `cl list {self.list_command}`)")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+
+STRATEGIES = Registry("strategy", ["cl.strategies"], "cl.strategies", "strategies")
+MODELS = Registry("model", ["cl.models"], "cl.models", "models")
+DATASETS = Registry("dataset", ["cl.scenarios"], "cl.datasets", "datasets")
+SCENARIOS = Registry("scenario", ["cl.scenarios"], "cl.scenarios", "scenarios")
+
+register_strategy = STRATEGIES.register
+register_model = MODELS.register
+register_dataset = DATASETS.register
+register_scenario = SCENARIOS.register

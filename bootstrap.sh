@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone:
+#   bash bootstrap.sh demo          install everything, run experiments/quickstart.toml
+#   bash bootstrap.sh test [ARGS]   install everything, run the test suite (pytest ARGS)
+# It creates .venv inside the checkout if missing, installs the package with its
+# dev extra, and installs Fashion-MNIST through apt when its files are missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+
+find_python() {
+    for candidate in "${PYTHON:-}" python3.11 python3 python; do
+        [ -n "$candidate" ] || continue
+        if command -v "$candidate" >/dev/null 2>&1 &&
+           "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$candidate"; return 0
+        fi
+    done
+    echo "bootstrap: error: Python 3.11 or newer not found; install python3.11 (e.g. apt-get install python3.11 python3.11-venv)" >&2
+    return 1
+}
+
+install_package() {
+    if [ ! -x .venv/bin/python ]; then
+        local py; py=$(find_python)
+        echo "bootstrap: creating .venv with $py"
+        "$py" -m venv .venv || { echo "bootstrap: error: '$py -m venv' failed; install the venv module (apt-get install python3-venv)" >&2; exit 1; }
+    fi
+    # Reinstall only when the package metadata changed (the install is editable).
+    local stamp=.venv/.cl-installed digest
+    digest=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+        echo "bootstrap: installing the package and its dependencies into .venv (first time: a few minutes)"
+        .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+        echo "$digest" > "$stamp"
+    fi
+}
+
+fashion_mnist_present() {
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        [ -f "$FMNIST_DIR/$f.gz" ] || [ -f "$FMNIST_DIR/$f" ] || return 1
+    done
+}
+
+install_fashion_mnist() {
+    fashion_mnist_present && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
+    fi
+    if command -v apt-get >/dev/null 2>&1 && [ "$sudo" != none ]; then
+        echo "bootstrap: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+        $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    fi
+    fashion_mnist_present && return 0
+    echo "bootstrap: Fashion-MNIST not found in $FMNIST_DIR; run 'sudo apt-get install dataset-fashion-mnist'," \
+         "or put the four IDX files in a folder and pass --data-dir DIR to cl run" >&2
+    return 1
+}
+
+case "${1:-}" in
+    demo)
+        install_package
+        install_fashion_mnist || exit 1
+        .venv/bin/cl run experiments/quickstart.toml
+        ;;
+    test)
+        shift
+        install_package
+        install_fashion_mnist || echo "bootstrap: the tests on the real Fashion-MNIST files will be skipped" >&2
+        exec .venv/bin/python -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash bootstrap.sh demo | test [pytest args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,153 @@
+"""The `cl` command line: run, list, show, runs.
+
+Bad input exits with code 2 and one line on stderr; a run that fails (e.g. a
+NaN loss) exits with code 1. Runs that finished before a failure stay stored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from cl.errors import RunError, UserError
+from cl.store import DEFAULT_STORE
+
+LISTABLE = ("strategies", "scenarios", "datasets", "models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl", description="Continual-learning benchmark runner.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment file and store its results")
+    run.add_argument("file", help="experiment TOML file, e.g. experiments/quickstart.toml")
+    run.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the file)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value, e.g. training.lr=0.05 or strategies.er.buffer_size=200")
+    run.add_argument("--strategy", dest="strategies", action="append", metavar="NAME",
+                     help="run only this strategy of the file (repeatable)")
+    run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLAlchemy URL of the result store ({DEFAULT_STORE})")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    run.add_argument("--data-dir", help="folder holding the dataset files (overrides dataset.data_dir)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets or models")
+    lst.add_argument("what", choices=LISTABLE)
+
+    show = sub.add_parser("show", help="print one stored run: accuracy matrix and metrics")
+    show.add_argument("run_id", type=int)
+    show.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    show.add_argument("--store", default=DEFAULT_STORE)
+
+    runs = sub.add_parser("runs", help="list stored runs")
+    runs.add_argument("--experiment", help="only runs of this experiment")
+    runs.add_argument("--json", action="store_true")
+    runs.add_argument("--store", default=DEFAULT_STORE)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cl.config import load_experiment
+    from cl.report import format_comparison
+    from cl.runner import resolve_device, run_experiment
+    from cl.store import ResultStore
+
+    config = load_experiment(args.file, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
+                             only_strategies=args.strategies)
+    device = resolve_device(args.device)
+    store = ResultStore(args.store)
+    print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
+          f"on {device}, results -> {args.store}", flush=True)
+    records = run_experiment(config, store, device, progress=not args.no_progress)
+    rows = [{**r["metrics"], **r["budgets"], "strategy": r["strategy"], "seed": r["seed"]} for r in records]
+    print()
+    print(format_comparison(rows))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cl.params import describe_params
+    from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
+
+    registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "datasets": DATASETS, "models": MODELS}[args.what]
+    for entry in registry.entries():
+        print(f"{entry.name}: {entry.doc}")
+        for p in describe_params(entry.params):
+            print(f"    {p['name']} ({p['type']}, default {p['default']!r}): {p['doc']}")
+    return 0
+
+
+def _format_matrix(matrix: list[list[float | None]]) -> str:
+    T = len(matrix[0])
+    lines = ["after \\ on " + " ".join(f"{'exp ' + str(j + 1):>7}" for j in range(T))]
+    for i, row in enumerate(matrix):
+        label = "init" if i == 0 else f"exp {i}"
+        lines.append(f"{label:<11} " + " ".join(f"{'-' if v is None else f'{v:.3f}':>7}" for v in row))
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from cl.store import ResultStore
+
+    run = ResultStore(args.store).get(args.run_id)
+    if args.json:
+        print(json.dumps(run, indent=2, default=str))
+        return 0
+    print(f"run {run['id']}: {run['experiment']} / {run['strategy']} / seed {run['seed']} ({run['status']})")
+    print(f"params: {json.dumps(run['params'])}")
+    print(f"\naccuracy matrix ({run['setting']}):")
+    print(_format_matrix(run["matrix"]))
+    if run.get("task_il_matrix"):
+        print("\ntask-IL accuracy matrix:")
+        print(_format_matrix(run["task_il_matrix"]))
+    print("\nmetrics:")
+    for key, value in run["metrics"].items():
+        if not isinstance(value, dict):
+            print(f"  {key:<12} {'-' if value is None else f'{value:.4f}'}")
+    b = run["budgets"]
+    print(f"\nbudgets: wall {b['wall_seconds']:.1f}s (eval {b['eval_seconds']:.1f}s), "
+          f"memory {b['memory_bytes']} B, model {b['model_bytes']} B, "
+          f"forward {b['forward_samples']} / backward {b['backward_samples']} samples")
+    print(f"device: {run['device']}, commit {run['git_commit']}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from cl.store import HEADLINE, ResultStore
+
+    rows = ResultStore(args.store).list_runs(args.experiment)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no runs in {args.store}")
+        return 0
+    print(f"{'id':>4}  {'experiment':<20} {'strategy':<14} {'seed':>4}  {'status':<9}  "
+          + "  ".join(f"{h:>11}" for h in HEADLINE))
+    for r in rows:
+        print(f"{r['id']:>4}  {r['experiment']:<20} {r['strategy']:<14} {r['seed']:>4}  {r['status']:<9}  "
+              + "  ".join(f"{'-' if r[h] is None else format(r[h], '.3f'):>11}" for h in HEADLINE))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "runs": cmd_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"cl: error: {exc}", file=sys.stderr)
+        return 2
+    except RunError as exc:
+        print(f"cl: run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cl: interrupted; finished runs are stored, the current one is not", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

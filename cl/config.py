@@ -1,0 +1,193 @@
+"""Experiment files: TOML tables naming a dataset, a scenario, a model, training and strategies.
+
+    name = "quickstart"
+    seeds = [0, 1, 2]
+    [dataset]            # or [[dataset]] several times for domain-incremental scenarios
+    name = "fashion_mnist"
+    [scenario]
+    name = "class_incremental"
+    n_experiences = 5
+    [model]
+    name = "mlp"
+    [training]
+    epochs = 1
+    [[strategies]]
+    name = "er"
+    buffer_size = 500
+
+Every table is validated against the registered parameters of what it names;
+unknown keys and wrong types raise a UserError that lists the valid keys.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from cl.errors import UserError
+from cl.params import build_params, params_to_dict
+from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, Registry
+from cl.strategy import TrainingParams
+
+TOP_LEVEL = {"name": "str", "description": "str", "seeds": "list[int]", "dataset": "table or list of tables",
+             "scenario": "table", "model": "table", "training": "table", "strategies": "list of tables"}
+REQUIRED = ("name", "dataset", "scenario", "model", "strategies")
+# Keys that do not change results and so do not enter a run's identity.
+NON_RESULT_KEYS = {"data_dir"}
+
+
+@dataclasses.dataclass
+class Component:
+    """A registered thing chosen by name, with validated parameters."""
+
+    name: str
+    params: Any
+    label: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **params_to_dict(self.params)}
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str
+    description: str
+    seeds: list[int]
+    datasets: list[Component]
+    scenario: Component
+    model: Component
+    training: TrainingParams
+    strategies: list[Component]
+    source: str = ""
+
+    def setup(self) -> dict[str, Any]:
+        """Everything but strategies and seeds, as JSON-able data (stored with each run)."""
+        return {"datasets": [d.as_dict() for d in self.datasets], "scenario": self.scenario.as_dict(),
+                "model": self.model.as_dict(), "training": dataclasses.asdict(self.training)}
+
+    def setup_identity(self) -> dict[str, Any]:
+        setup = copy.deepcopy(self.setup())
+        for d in setup["datasets"]:
+            for key in NON_RESULT_KEYS:
+                d.pop(key, None)
+        return setup
+
+
+def _component(registry: Registry, table: Any, where: str, allow_label: bool = False) -> Component:
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table with a 'name' key, got {table!r}")
+    values = dict(table)
+    name = values.pop("name", None)
+    if not isinstance(name, str):
+        raise UserError(f"{where} needs name = \"...\"; known: {', '.join(registry.names())}")
+    label = values.pop("label", name) if allow_label else name
+    entry = registry.get(name)
+    return Component(name, build_params(entry.params, values, f"{where} {name!r}"), str(label))
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: TOML syntax (numbers, true/false, [lists], "strings"), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set section.key=value` to the raw TOML dict.
+
+    `strategies.NAME.key=v` targets the strategies whose label or name is NAME;
+    `dataset.key=v` targets every dataset table.
+    """
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected key=value, e.g. training.lr=0.05")
+    path, _, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    value = parse_value(text.strip())
+    if keys[0] == "strategies":
+        if len(keys) != 3:
+            raise UserError(f"--set {assignment!r}: use strategies.NAME.key=value")
+        targets = [s for s in raw.get("strategies", []) if keys[1] in (s.get("label"), s.get("name"))]
+        if not targets:
+            names = ", ".join(str(s.get("label", s.get("name"))) for s in raw.get("strategies", []))
+            raise UserError(f"--set {assignment!r}: no strategy {keys[1]!r} in this experiment (has: {names})")
+        for s in targets:
+            s[keys[2]] = value
+        return
+    if keys[0] == "dataset" and len(keys) == 2:
+        tables = raw.get("dataset", {})
+        for table in tables if isinstance(tables, list) else [tables]:
+            table[keys[1]] = value
+        return
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {assignment!r}: {key!r} is not a table")
+    node[keys[-1]] = value
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), seeds: list[int] | None = None,
+                    data_dir: str | None = None, only_strategies: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"experiment file {str(path)!r} not found; see experiments/ for examples") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return build_experiment(raw, str(path), seeds=seeds, data_dir=data_dir, only_strategies=only_strategies)
+
+
+def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[int] | None = None,
+                     data_dir: str | None = None, only_strategies: list[str] | None = None) -> ExperimentConfig:
+    where = source
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        valid = ", ".join(f"{k} ({v})" for k, v in TOP_LEVEL.items())
+        raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))}; valid keys: {valid}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(missing)}; an experiment needs {', '.join(REQUIRED)}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: name must be a non-empty string")
+    description = raw.get("description", "")
+    seed_list = seeds if seeds is not None else raw.get("seeds", [0])
+    if not (isinstance(seed_list, list) and seed_list and all(isinstance(s, int) and not isinstance(s, bool) for s in seed_list)):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seed_list!r}")
+
+    dataset_tables = raw["dataset"] if isinstance(raw["dataset"], list) else [raw["dataset"]]
+    if data_dir is not None:
+        for table in dataset_tables:
+            if isinstance(table, dict) and _takes_data_dir(table):
+                table["data_dir"] = data_dir
+    datasets = [_component(DATASETS, t, f"{where}: [dataset]") for t in dataset_tables]
+    scenario = _component(SCENARIOS, raw["scenario"], f"{where}: [scenario]")
+    model = _component(MODELS, raw["model"], f"{where}: [model]")
+    training = build_params(TrainingParams, raw.get("training", {}), f"{where}: [training]")
+
+    tables = raw["strategies"]
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"{where}: strategies must be a non-empty list of tables ([[strategies]])")
+    strategies = [_component(STRATEGIES, t, f"{where}: [[strategies]]", allow_label=True) for t in tables]
+    labels = [s.label for s in strategies]
+    dupes = sorted({l for l in labels if labels.count(l) > 1})
+    if dupes:
+        raise UserError(f"{where}: strategy {dupes[0]!r} appears twice; give each a distinct label = \"...\"")
+    if only_strategies:
+        unknown_sel = [s for s in only_strategies if s not in labels]
+        if unknown_sel:
+            raise UserError(f"--strategy {unknown_sel[0]!r} is not in this experiment (has: {', '.join(labels)})")
+        strategies = [s for s in strategies if s.label in only_strategies]
+    return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training,
+                            strategies, source)
+
+
+def _takes_data_dir(table: dict[str, Any]) -> bool:
+    name = table.get("name")
+    return isinstance(name, str) and any(f.name == "data_dir" for f in dataclasses.fields(DATASETS.get(name).params))

@@ -1,0 +1,84 @@
+"""The evaluator: fills the accuracy matrices of a run, row by row.
+
+Row 0 is measured before any training, row i after training experience i.
+Which logits count depends on the scenario's setting:
+
+- class-il: argmax over the classes seen in training so far (row 0: all
+  classes, since none are seen yet). A second matrix holds task-IL accuracy:
+  argmax restricted to the classes of the test experience.
+- task-il:  the task id is passed to `predict` and the argmax is restricted to
+  the classes of the test experience.
+- domain-il: argmax over all classes.
+
+Everything stays on the device; correct counts are summed there and copied to
+the host once per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cl.data import Scenario
+from cl.strategy import Strategy
+
+
+class Evaluator:
+    def __init__(self, scenario: Scenario, batch_size: int):
+        self.scenario = scenario
+        self.batch_size = batch_size
+        T = scenario.n_experiences
+        self.matrix = np.full((T + 1, T), np.nan)
+        self.task_il_matrix = np.full((T + 1, T), np.nan) if scenario.setting == "class-il" else None
+        device = scenario.test[0].x.device
+        self._class_masks = []  # per test experience: bool over all classes
+        for exp in scenario.test:
+            mask = torch.zeros(scenario.n_classes, dtype=torch.bool, device=device)
+            mask[exp.classes] = True
+            self._class_masks.append(mask)
+        self._seen = torch.zeros(scenario.n_classes, dtype=torch.bool, device=device)
+        self.eval_forward_samples = 0
+
+    def mark_trained(self, experience_index: int) -> None:
+        """Add the classes of training experience `experience_index` to the seen set."""
+        self._seen[self.scenario.train[experience_index].classes] = True
+
+    @torch.inference_mode()
+    def evaluate_row(self, row: int, strategy: Strategy) -> None:
+        scenario = self.scenario
+        T = scenario.n_experiences
+        device = self._seen.device
+        correct = torch.zeros(T, dtype=torch.long, device=device)
+        correct_task = torch.zeros(T, dtype=torch.long, device=device)
+        primary_mask = self._seen if (scenario.setting == "class-il" and row > 0) else None
+        was_training = strategy.model.training
+        strategy.model.eval()
+        try:
+            for j, exp in enumerate(scenario.test):
+                exp_mask = self._class_masks[j]
+                for start in range(0, len(exp), self.batch_size):
+                    x = exp.x[start:start + self.batch_size]
+                    y = exp.y[start:start + self.batch_size]
+                    t = None
+                    if scenario.task_labels_at_test:
+                        t = torch.full_like(y, exp.task_id)
+                    logits = strategy.predict(x, t)
+                    self.eval_forward_samples += len(y)
+                    if scenario.setting == "task-il":
+                        correct[j] += _hits(logits, y, exp_mask)
+                        continue
+                    correct[j] += _hits(logits, y, primary_mask)
+                    if self.task_il_matrix is not None:
+                        correct_task[j] += _hits(logits, y, exp_mask)
+        finally:
+            strategy.model.train(was_training)
+        sizes = np.array([len(e) for e in scenario.test], dtype=float)
+        self.matrix[row] = correct.cpu().numpy() / sizes
+        if self.task_il_matrix is not None:
+            self.task_il_matrix[row] = correct_task.cpu().numpy() / sizes
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Number of samples whose argmax over the `allowed` classes equals y."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return (logits.argmax(dim=1) == y).sum()

@@ -1,0 +1,144 @@
+"""Backbones: a feature extractor followed by a single or multi-head classifier.
+
+Every model is a `ContinualModel`: `model(x, task_ids)` returns logits over all
+classes of the scenario. With `multi_head = true` each task has its own head
+and `task_ids` (one per sample) picks it; a single head ignores `task_ids`.
+Task-incremental evaluation additionally masks logits to the experience's
+classes (see cl/evaluation.py), so both options are valid task-IL baselines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl.errors import UserError
+from cl.params import param
+from cl.registry import register_model
+
+
+class SingleHead(nn.Linear):
+    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(features)
+
+
+class MultiHead(nn.Module):
+    """One linear head per task, evaluated for all heads at once and gathered per sample."""
+
+    def __init__(self, in_features: int, n_classes: int, n_heads: int):
+        super().__init__()
+        self.n_classes, self.n_heads = n_classes, n_heads
+        self.weight = nn.Parameter(torch.empty(n_heads * n_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(n_heads * n_classes))
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)  # same scale as nn.Linear per head
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if task_ids is None:
+            raise RuntimeError("a multi-head model needs task ids; use a task-incremental scenario")
+        all_heads = F.linear(features, self.weight, self.bias).view(-1, self.n_heads, self.n_classes)
+        return all_heads[torch.arange(features.shape[0], device=features.device), task_ids]
+
+
+class ContinualModel(nn.Module):
+    def __init__(self, features: nn.Module, feature_dim: int, n_classes: int, n_heads: int,
+                 multi_head: bool):
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.multi_head = multi_head
+        self.head = MultiHead(feature_dim, n_classes, n_heads) if multi_head else SingleHead(feature_dim, n_classes)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x), task_ids)
+
+
+@dataclasses.dataclass
+class ModelParams:
+    multi_head: bool = param(False, "one output head per task (task-incremental scenarios only)")
+
+
+@dataclasses.dataclass
+class MLPParams(ModelParams):
+    hidden: list[int] = param([100, 100], "sizes of the hidden layers")
+
+
+@register_model("mlp", params=MLPParams)
+def mlp(p: MLPParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int) -> ContinualModel:
+    """Fully connected ReLU network on flattened inputs (GEM uses 784-100-100-10)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in p.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return ContinualModel(nn.Sequential(*layers), width, n_classes, n_heads, p.multi_head)
+
+
+@dataclasses.dataclass
+class CNNParams(ModelParams):
+    channels: list[int] = param([32, 64], "output channels of the 3x3 conv + 2x2 max-pool blocks")
+    hidden: int = param(256, "width of the fully connected layer before the head")
+
+
+@register_model("cnn", params=CNNParams)
+def cnn(p: CNNParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int) -> ContinualModel:
+    """Small CNN: conv-ReLU-maxpool blocks, then one hidden fully connected layer."""
+    if len(input_shape) != 3:
+        raise UserError(f"model 'cnn' needs image inputs (C, H, W), got shape {list(input_shape)}; use 'mlp'")
+    layers: list[nn.Module] = []
+    c = input_shape[0]
+    for out in p.channels:
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = out
+    layers.append(nn.Flatten())
+    with torch.no_grad():
+        flat = nn.Sequential(*layers)(torch.zeros(1, *input_shape)).shape[1]
+    layers += [nn.Linear(flat, p.hidden), nn.ReLU()]
+    return ContinualModel(nn.Sequential(*layers), p.hidden, n_classes, n_heads, p.multi_head)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+@dataclasses.dataclass
+class ResNetParams(ModelParams):
+    width: int = param(20, "channels of the first stage (20 = GEM/A-GEM's reduced ResNet-18; 64 = full)")
+
+
+@register_model("resnet18_reduced", params=ResNetParams)
+def resnet18_reduced(p: ResNetParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int) -> ContinualModel:
+    """ResNet-18 with `width` base channels (GEM/A-GEM use 20), 3x3 stem, global average pool."""
+    if len(input_shape) != 3:
+        raise UserError(f"model 'resnet18_reduced' needs image inputs (C, H, W), got {list(input_shape)}")
+    nf = p.width
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU()]
+    in_planes = nf
+    for i, stride in enumerate([1, 2, 2, 2]):
+        planes = nf * 2**i
+        layers += [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+        in_planes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return ContinualModel(nn.Sequential(*layers), in_planes, n_classes, n_heads, p.multi_head)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

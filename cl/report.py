@@ -1,0 +1,45 @@
+"""Tables over stored runs: mean and spread per strategy."""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [("acc", "ACC"), ("task_il_acc", "task-IL ACC"), ("bwt", "BWT"), ("forgetting", "Forgetting"),
+           ("fwt", "FWT"), ("wall_seconds", "time s")]
+
+
+def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per strategy: mean and sample std over seeds of the headline numbers."""
+    df = pd.DataFrame(rows)
+    grouped = df.groupby("strategy", sort=False)
+    out = pd.DataFrame({"seeds": grouped["seed"].count()})
+    for col, _ in COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        out[f"{col}_mean"] = values.groupby(df["strategy"], sort=False).mean()
+        out[f"{col}_std"] = values.groupby(df["strategy"], sort=False).std(ddof=1)
+    out["memory_mb"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
+    return out.sort_values("acc_mean", ascending=False)
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    frame = comparison_frame(rows)
+    headers = ["strategy", "seeds"] + [h for _, h in COLUMNS] + ["memory MB"]
+    lines = []
+    for name, r in frame.iterrows():
+        cells = [str(name), str(int(r["seeds"]))]
+        for col, _ in COLUMNS:
+            cells.append(_mean_std(r[f"{col}_mean"], r[f"{col}_std"], 1 if col == "wall_seconds" else 3))
+        cells.append(f"{r['memory_mb']:.2f}")
+        lines.append(cells)
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    if pd.isna(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -1,4 +1,4 @@
-"""The `cl` command line: run, list, show, runs.
+"""The `cl` command line: run, list, show, runs, leaderboard.
 
 Bad input exits with code 2 and one line on stderr; a run that fails (e.g. a
 NaN loss) exits with code 1. Runs that finished before a failure stay stored.
@@ -13,7 +13,7 @@ from typing import Any
 from cl.errors import RunError, UserError
 from cl.store import DEFAULT_STORE
 
-LISTABLE = ("strategies", "scenarios", "datasets", "models")
+LISTABLE = ("strategies", "scenarios", "datasets", "models", "training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="folder holding the dataset files (overrides dataset.data_dir)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets or models")
+    lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets, models, or training options")
     lst.add_argument("what", choices=LISTABLE)
 
     show = sub.add_parser("show", help="print one stored run: accuracy matrix and metrics")
@@ -44,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", help="only runs of this experiment")
     runs.add_argument("--json", action="store_true")
     runs.add_argument("--store", default=DEFAULT_STORE)
+    board = sub.add_parser("leaderboard", help="regenerate the leaderboard (markdown, CSV, HTML, plots) from the store")
+    board.add_argument("--store", default=DEFAULT_STORE)
+    board.add_argument("--out", default="leaderboard", help="output folder (default leaderboard/)")
+    board.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     return parser
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from cl.leaderboard import generate
+    from cl.store import ResultStore
+
+    paths = generate(ResultStore(args.store), args.out, plots=not args.no_plots)
+    print(f"leaderboard written: {', '.join(str(p) for p in paths)}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,10 +83,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     from cl.params import describe_params
     from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 
-    registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "datasets": DATASETS, "models": MODELS}[args.what]
-    for entry in registry.entries():
-        print(f"{entry.name}: {entry.doc}")
-        for p in describe_params(entry.params):
+    from cl.strategy import TrainingParams
+
+    if args.what == "training":
+        entries = [("[training]", "How each experience is trained (the [training] table).", TrainingParams)]
+    else:
+        registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "datasets": DATASETS, "models": MODELS}[args.what]
+        entries = [(e.name, e.doc, e.params) for e in registry.entries()]
+    for name, doc, params in entries:
+        print(f"{name}: {doc}")
+        for p in describe_params(params):
             print(f"    {p['name']} ({p['type']}, default {p['default']!r}): {p['doc']}")
     return 0
 
@@ -131,7 +150,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "runs": cmd_runs}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "runs": cmd_runs, "leaderboard": cmd_leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:

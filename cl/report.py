@@ -29,7 +29,7 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     for name, r in frame.iterrows():
         cells = [str(name), str(int(r["seeds"]))]
         for col, _ in COLUMNS:
-            cells.append(_mean_std(r[f"{col}_mean"], r[f"{col}_std"], 1 if col == "wall_seconds" else 3))
+            cells.append(mean_std(r[f"{col}_mean"], r[f"{col}_std"], 1 if col == "wall_seconds" else 3))
         cells.append(f"{r['memory_mb']:.2f}")
         lines.append(cells)
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(headers)]
@@ -37,7 +37,7 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
-def _mean_std(mean: float, std: float, digits: int) -> str:
+def mean_std(mean: float, std: float, digits: int) -> str:
     if pd.isna(mean):
         return "-"
     if pd.isna(std):

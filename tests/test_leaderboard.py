@@ -1,0 +1,45 @@
+import csv
+
+import pytest
+import torch
+
+from cl.leaderboard import generate
+from cl.runner import build_scenario, load_datasets, run_one
+from cl.store import ResultStore
+from tests.helpers import digits_experiment
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = ResultStore(f"sqlite:///{tmp_path_factory.mktemp('lb')}/runs.db")
+    cfg = digits_experiment([{"name": "naive"}, {"name": "er", "buffer_size": 50}], n_experiences=3)
+    data = load_datasets(cfg.datasets)
+    for seed in (0, 1):
+        scenario = build_scenario(cfg, data, seed)
+        for component in cfg.strategies:
+            store.write(run_one(cfg, component, scenario, seed, torch.device("cpu"), progress=False))
+    return store
+
+
+def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path):
+    paths = generate(store, tmp_path)
+    assert {p.name for p in paths} == {"README.md", "results.csv", "index.html", "test-digits.png"}
+    runs = store.list_runs()
+    er = [r["acc"] for r in runs if r["strategy"] == "er"]
+    mean = sum(er) / 2
+    std = abs(er[0] - er[1]) / 2**0.5  # sample std of two values
+    md = (tmp_path / "README.md").read_text()
+    er_line = next(line for line in md.splitlines() if line.startswith("| er |"))
+    assert f"{mean:.3f} ± {std:.3f}" in er_line
+    assert "| 2 |" in er_line  # two seeds
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["strategy"] for r in rows} == {"naive", "er"}
+    html = (tmp_path / "index.html").read_text()
+    assert "<table>" in html and "test-digits.png" in html
+    assert (tmp_path / "test-digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_empty_store_gives_a_page_that_says_so(tmp_path):
+    generate(ResultStore(f"sqlite:///{tmp_path}/empty.db"), tmp_path / "out", plots=False)
+    assert "No completed runs" in (tmp_path / "out" / "README.md").read_text()

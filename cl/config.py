@@ -107,6 +107,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     keys = path.strip().split(".")
     value = parse_value(text.strip())
     if keys[0] == "strategies":
+        if not all(isinstance(s, dict) for s in raw.get("strategies", [])):
+            raise UserError("strategies must be a list of tables ([[strategies]] with name = ...)")
         if len(keys) != 3:
             raise UserError(f"--set {assignment!r}: use strategies.NAME.key=value")
         targets = [s for s in raw.get("strategies", []) if keys[1] in (s.get("label"), s.get("name"))]
@@ -118,7 +120,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         return
     if keys[0] == "dataset" and len(keys) == 2:
         tables = raw.get("dataset", {})
-        for table in tables if isinstance(tables, list) else [tables]:
+        tables = tables if isinstance(tables, list) else [tables]
+        if not all(isinstance(t, dict) for t in tables):
+            raise UserError("dataset must be a table ([dataset] with name = ...) or a list of tables")
+        for table in tables:
             table[keys[1]] = value
         return
     node = raw
@@ -133,11 +138,14 @@ def load_experiment(path: str | Path, overrides: list[str] = (), seeds: list[int
                     data_dir: str | None = None, only_strategies: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"experiment file {str(path)!r} not found; see experiments/ for examples") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
     for assignment in overrides:
         apply_override(raw, assignment)
     return build_experiment(raw, str(path), seeds=seeds, data_dir=data_dir, only_strategies=only_strategies)
@@ -157,9 +165,12 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: name must be a non-empty string")
     description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"{where}: description must be a string, got {description!r}")
     seed_list = seeds if seeds is not None else raw.get("seeds", [0])
-    if not (isinstance(seed_list, list) and seed_list and all(isinstance(s, int) and not isinstance(s, bool) for s in seed_list)):
-        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seed_list!r}")
+    if not (isinstance(seed_list, list) and seed_list
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seed_list)):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers in [0, 2**63), got {seed_list!r}")
 
     dataset_tables = raw["dataset"] if isinstance(raw["dataset"], list) else [raw["dataset"]]
     if data_dir is not None:

@@ -110,6 +110,8 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
 
     `where` names the config section for the error message, e.g. "strategy 'er'".
     """
+    if values is not None and not isinstance(values, dict):
+        raise UserError(f"{where} must be a table (key = value pairs), got {values!r}")
     values = dict(values or {})
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}

@@ -67,7 +67,7 @@ class Registry:
         for ep in entry_points(group=self.group):
             try:
                 ep.load()
-            except Exception as exc:  # a broken plugin must not hide the built-ins
+            except Exception as exc:  # say which plugin is broken instead of a traceback
                 raise UserError(f"plugin entry point {ep.name!r} ({ep.value}) in group {self.group} "
                                 f"failed to import: {exc}; fix or uninstall that package") from None
 

@@ -58,12 +58,12 @@ class ResultStore:
         except ArgumentError:
             raise UserError(f"store URL {url!r} is not an SQLAlchemy URL; "
                             f"use e.g. {DEFAULT_STORE} or postgresql://user@host/db") from None
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(parsed)
             metadata.create_all(self.engine)
-        except (SQLAlchemyError, ImportError) as exc:
+        except (SQLAlchemyError, ImportError, OSError) as exc:
             first = str(exc).splitlines()[0]
             raise UserError(f"cannot open result store {url!r}: {first}") from None
 

@@ -23,6 +23,7 @@ register the class with `@register_strategy("name")`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterator, Literal, NamedTuple
 
 import torch
@@ -55,8 +56,8 @@ class TrainingParams:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 @dataclasses.dataclass

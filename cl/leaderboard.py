@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def _plot(name: str, runs: list[dict[str, Any]], path: Path) -> None:
     for run in runs:
         by_strategy.setdefault(run["strategy"], []).append(_seen_accuracy_curve(run["matrix"]))
     for strategy, curves in by_strategy.items():
-        curve = np.nanmean(np.array(curves), axis=0) if len(curves) > 1 else np.array(curves[0])
+        with warnings.catch_warnings():  # joint runs leave rows unmeasured: all-NaN columns are expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            curve = np.nanmean(np.array(curves), axis=0)
         x = np.arange(1, len(curve) + 1)
         ok = ~np.isnan(curve)
         ax.plot(x[ok], curve[ok], marker="o", label=f"{strategy} ({len(curves)} seeds)")

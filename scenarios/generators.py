@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from cl.data import Experience, LabelledData, Scenario
 from cl.errors import UserError
@@ -330,6 +328,10 @@ def _rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
         return _rotate(x.unsqueeze(1), angle).squeeze(1)
     if len(x) == 0:
         return x.clone()
+    # Imported here: torchvision takes over a second to import and only rotation needs it.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
     return torch.cat([TF.rotate(chunk, angle, interpolation=InterpolationMode.BILINEAR)
                       for chunk in x.split(_ROTATE_CHUNK)])
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone:
-#   bash bootstrap.sh demo          install everything, run experiments/quickstart.toml, write leaderboard/
+#   bash bootstrap.sh demo          install everything, run experiments/quickstart.toml, write results/leaderboard/
 #   bash bootstrap.sh test [ARGS]   install everything, run the test suite (pytest ARGS)
 # It creates .venv inside the checkout if missing, installs the package with its
 # dev extra, and installs Fashion-MNIST through apt when its files are missing.
@@ -64,8 +64,8 @@ case "${1:-}" in
         install_package
         install_fashion_mnist || exit 1
         .venv/bin/cl run experiments/quickstart.toml
-        .venv/bin/cl leaderboard
-        echo "bootstrap: open leaderboard/index.html (or leaderboard/README.md) to see the results"
+        .venv/bin/cl leaderboard --out results/leaderboard
+        echo "bootstrap: open results/leaderboard/index.html (or its README.md) to see the results"
         ;;
     test)
         shift

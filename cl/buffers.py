@@ -40,7 +40,8 @@ class ReservoirBuffer:
         if offsets is None:
             offsets = self._offsets[b] = torch.arange(b, device=self.device)
         g = offsets + self.n_seen  # global sample numbers
-        r = (torch.rand(b, generator=self.generator, device=self.device) * (g + 1)).long()
+        # float64: float32 draws could only reach multiples of (g + 1) / 2**24 on long streams.
+        r = (torch.rand(b, generator=self.generator, device=self.device, dtype=torch.float64) * (g + 1)).long()
         slot = torch.where(g < self.capacity, g, r)
         accepted = slot < self.capacity
         same = slot.unsqueeze(0) == slot.unsqueeze(1)  # same[i, k]: i and k picked one slot

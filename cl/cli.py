@@ -16,9 +16,16 @@ from cl.store import DEFAULT_STORE
 LISTABLE = ("strategies", "scenarios", "datasets", "models", "training")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2) like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cl", description="Continual-learning benchmark runner.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrorParser(prog="cl", description="Continual-learning benchmark runner.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     run = sub.add_parser("run", help="run an experiment file and store its results")
     run.add_argument("file", help="experiment TOML file, e.g. experiments/quickstart.toml")
@@ -115,6 +122,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run {run['id']}: {run['experiment']} / {run['strategy']} / seed {run['seed']} ({run['status']})")
     print(f"params: {json.dumps(run['params'])}")
+    cfg = run["config"]
+    print(f"setup: datasets {[d['name'] for d in cfg['datasets']]}, scenario {json.dumps(cfg['scenario'])}, "
+          f"model {json.dumps(cfg['model'])}, training {json.dumps(cfg['training'])}")
     print(f"\naccuracy matrix ({run['setting']}):")
     print(_format_matrix(run["matrix"]))
     if run.get("task_il_matrix"):

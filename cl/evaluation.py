@@ -72,9 +72,10 @@ class Evaluator:
         finally:
             strategy.model.train(was_training)
         sizes = np.array([len(e) for e in scenario.test], dtype=float)
-        self.matrix[row] = correct.cpu().numpy() / sizes
+        counts = torch.stack([correct, correct_task]).cpu().numpy()  # the row's one host copy
+        self.matrix[row] = counts[0] / sizes
         if self.task_il_matrix is not None:
-            self.task_il_matrix[row] = correct_task.cpu().numpy() / sizes
+            self.task_il_matrix[row] = counts[1] / sizes
 
 
 def _hits(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

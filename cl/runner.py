@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib.metadata
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -27,14 +29,20 @@ from cl.strategy import Strategy
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N; anything else is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 ..)")
+    return torch.device("cuda", index)
 
 
 def load_datasets(components: list[Component]) -> list[LabelledData]:
@@ -74,9 +82,20 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def versions() -> dict[str, str]:
-    return {"cl": cl.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform()}
+VERSIONED_PACKAGES = ("torchvision", "numpy", "scikit-learn", "mlxtend", "mnist1d")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, cl and every package whose code shapes the data or the training."""
+    out: dict[str, str | None] = {"cl": cl.__version__, "python": platform.python_version(),
+                                  "platform": platform.platform(),
+                                  "torch": torch.__version__}  # includes the build, e.g. +cpu or +cu130
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def device_name(device: torch.device) -> str:
@@ -86,7 +105,9 @@ def device_name(device: torch.device) -> str:
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+    """Weights and float buffers (e.g. batch-norm statistics) are all finite: one device sync."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, seed: int,
@@ -130,8 +151,9 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
         metrics["task_il"] = compute_metrics(task_il)
     params = params_to_dict(component.params)
     return {
+        # The device is part of a run's identity: CPU and CUDA generators draw different streams.
         "run_key": run_key(config.name, component.label, {"name": component.name, **params}, seed,
-                           config.setup_identity()),
+                           {**config.setup_identity(), "device": device.type}),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "experiment": config.name, "strategy": component.label, "strategy_name": component.name,
         "params": params, "seed": seed, "status": "completed",

@@ -66,10 +66,10 @@ class Joint(Strategy):
         return self.seen.memory_bytes()
 
     def extra_state(self) -> dict:
-        return {"seen": [self.seen.xs, self.seen.ys, self.seen.ts]}
+        return {"seen": [list(self.seen.xs), list(self.seen.ys), list(self.seen.ts)]}
 
     def load_extra_state(self, state: dict) -> None:
-        self.seen.xs, self.seen.ys, self.seen.ts = state["seen"]
+        self.seen.xs, self.seen.ys, self.seen.ts = (list(v) for v in state["seen"])
 
 
 @register_strategy("cumulative")

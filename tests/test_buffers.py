@@ -49,7 +49,7 @@ def test_batch_update_equals_sequential_algorithm():
         ids = list(range(10 * k, 10 * k + 10))
         if n_seen + 10 > 8:
             state = buf.generator.get_state()
-            draws = torch.rand(10, generator=buf.generator).tolist()
+            draws = torch.rand(10, generator=buf.generator, dtype=torch.float64).tolist()
             buf.generator.set_state(state)
             expected = before.tolist()
             for slot, sample in sequential_reservoir(8, n_seen, ids, draws).items():

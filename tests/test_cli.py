@@ -317,10 +317,24 @@ def test_cuda_device_without_cuda(run_tiny, device, one_line_error, stored):
     assert stored() == []
 
 
-def test_unknown_device(run_tiny, one_line_error):
-    result = run_tiny(None, "--device", "tpu")
+@pytest.mark.parametrize("device", ["tpu", "mps", "meta", "cuda:x"])
+def test_unknown_device(run_tiny, one_line_error, device):
+    result = run_tiny(None, "--device", device)
     assert result.rc == 2
     assert "expected auto, cpu, cuda or cuda:N" in one_line_error(result.err)
+
+
+def test_usage_errors_are_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cl = Path(sys.executable).with_name("cl")
+    for args in ([], ["run"], ["frobnicate"], ["list", "nothing"]):
+        result = subprocess.run([str(cl), *args], capture_output=True, text=True)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("cl") and "error:" in result.stderr
 
 
 def test_show_unknown_id(cli, store_url, one_line_error):

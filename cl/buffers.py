@@ -1,5 +1,8 @@
 """Replay buffers kept as preallocated tensors on the run's device.
 
+`TensorBuffer` holds the storage (x, y, task id), sampling and state;
+`ReservoirBuffer` fills it online, `ClassBalancedBuffer` once per experience.
+
 `ReservoirBuffer.add` is the reservoir sampling of Vitter (Algorithm R) applied to
 a whole batch at once without leaving the device: sample number g (0-based,
 counting every sample ever offered) goes to slot g while the buffer is not
@@ -17,7 +20,9 @@ import torch
 from cl.strategy import tensor_bytes
 
 
-class ReservoirBuffer:
+class TensorBuffer:
+    """Preallocated (capacity + 1) rows of x, y and t; the last row is scratch space."""
+
     def __init__(self, capacity: int, input_shape: tuple[int, ...], device: torch.device,
                  generator: torch.Generator, x_dtype: torch.dtype = torch.float32):
         if capacity < 1:
@@ -29,10 +34,33 @@ class ReservoirBuffer:
         self.y = torch.zeros(capacity + 1, dtype=torch.long, device=device)
         self.t = torch.zeros(capacity + 1, dtype=torch.long, device=device)
         self.n_seen = 0  # samples offered so far (host int: no device sync needed)
-        self._offsets: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return min(self.n_seen, self.capacity)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n samples drawn uniformly with replacement from the filled part."""
+        idx = torch.randint(len(self), (n,), generator=self.generator, device=self.device)
+        return self.x[idx], self.y[idx], self.t[idx]
+
+    def memory_bytes(self) -> int:
+        c = self.capacity
+        return tensor_bytes(self.x[:c], self.y[:c], self.t[:c])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": self.x, "y": self.y, "t": self.t, "n_seen": self.n_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.x.copy_(state["x"]), self.y.copy_(state["y"]), self.t.copy_(state["t"])
+        self.n_seen = int(state["n_seen"])
+
+
+class ReservoirBuffer(TensorBuffer):
+    """Every sample offered so far has the same chance to be in the buffer."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._offsets: dict[int, torch.Tensor] = {}  # arange(b) per batch size, made once
 
     def _slots(self, b: int) -> torch.Tensor:
         """Slot for each of the next b samples; `capacity` (the scratch row) = rejected."""
@@ -60,40 +88,26 @@ class ReservoirBuffer:
             self.x[slots], self.y[slots], self.t[slots] = x, y, t
         self.n_seen += b
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """n samples drawn uniformly with replacement from the filled part."""
-        idx = torch.randint(len(self), (n,), generator=self.generator, device=self.device)
-        return self.x[idx], self.y[idx], self.t[idx]
 
-    def memory_bytes(self) -> int:
-        c = self.capacity
-        return tensor_bytes(self.x[:c], self.y[:c], self.t[:c])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"x": self.x, "y": self.y, "t": self.t, "n_seen": self.n_seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.x.copy_(state["x"]), self.y.copy_(state["y"]), self.t.copy_(state["t"])
-        self.n_seen = int(state["n_seen"])
-
-
-class ClassBalancedBuffer(ReservoirBuffer):
+class ClassBalancedBuffer(TensorBuffer):
     """Equal slots per class seen so far, refilled at the end of each experience.
 
-    With C classes seen, each class gets capacity // C slots (the first
-    capacity % C classes in sorted order get one more). Old classes keep a
-    prefix of their (already random) samples; new classes get a random subset.
+    The capacity is shared out by water-filling: classes in order of how many
+    samples they have (fewest first, ties by class id) each take
+    min(available, remaining slots // classes left), so a class with too few
+    samples leaves its unused slots to the others and no slot stays empty while
+    any class has samples to spare. Old classes keep a prefix of their (already
+    random) samples; new classes get a random subset.
     """
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
         n = len(self)
         old_x, old_y, old_t = self.x[:n], self.y[:n], self.t[:n]
-        classes = torch.unique(torch.cat([old_y, y])).tolist()
-        quota, extra = divmod(self.capacity, len(classes))
+        classes, available = torch.unique(torch.cat([old_y, y]), return_counts=True)
+        quotas = water_fill(dict(zip(classes.tolist(), available.tolist())), self.capacity)
         keep_x, keep_y, keep_t = [], [], []
-        for i, c in enumerate(classes):
-            q = quota + (1 if i < extra else 0)
+        for c, q in quotas.items():
             old = (old_y == c).nonzero().flatten()
             new = (y == c).nonzero().flatten()
             new = new[torch.randperm(len(new), generator=self.generator, device=self.device)]
@@ -107,5 +121,13 @@ class ClassBalancedBuffer(ReservoirBuffer):
         self.x[:m], self.y[:m], self.t[:m] = new_x, new_y, new_t
         self.n_seen = m  # len() == number of filled slots
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        raise TypeError("ClassBalancedBuffer is filled with update() at the end of an experience")
+
+def water_fill(available: dict[int, int], capacity: int) -> dict[int, int]:
+    """Slots per class: as equal as possible, never more than a class has."""
+    quotas = {}
+    remaining = capacity
+    order = sorted(available, key=lambda c: (available[c], c))
+    for k, c in enumerate(order):
+        quotas[c] = min(available[c], remaining // (len(order) - k))
+        remaining -= quotas[c]
+    return dict(sorted(quotas.items()))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cl.buffers import ClassBalancedBuffer, ReservoirBuffer
+from cl.buffers import ClassBalancedBuffer, ReservoirBuffer, water_fill
 from tests.helpers import DEVICES
 
 
@@ -97,9 +97,16 @@ def test_class_balanced_quotas():
     y2 = torch.tensor([2] * 30)
     buf.update(y2.float().unsqueeze(1).repeat(1, 3), y2, torch.ones_like(y2))
     kept = buf.y[: len(buf)].tolist()
-    # 10 slots over 3 classes: 4 for the first class in sorted order, 3 for the others.
+    # 10 slots over 3 classes, water-filling fewest-first (5, 5, 30 samples available):
+    # class 0 takes 10 // 3 = 3, class 1 takes 7 // 2 = 3, class 2 the remaining 4.
     assert len(kept) == 10
-    assert [kept.count(c) for c in (0, 1, 2)] == [4, 3, 3]
+    assert [kept.count(c) for c in (0, 1, 2)] == [3, 3, 4]
     assert (buf.t[: len(buf)][buf.y[: len(buf)] == 2] == 1).all()
-    with pytest.raises(TypeError):
-        buf.add(*stream(2))
+    assert not hasattr(buf, "add")  # filled per experience only
+
+
+def test_water_fill_gives_unused_slots_to_other_classes():
+    # Class 0 has only 2 samples: its unused slots go to the others, none stays empty.
+    assert water_fill({0: 2, 1: 100, 2: 100}, 10) == {0: 2, 1: 4, 2: 4}
+    assert water_fill({0: 1, 1: 1}, 10) == {0: 1, 1: 1}  # fewer samples than slots
+    assert water_fill({3: 50, 1: 50, 2: 50}, 10) == {1: 3, 2: 3, 3: 4}

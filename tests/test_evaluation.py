@@ -5,13 +5,14 @@ import torch
 
 from cl.data import Experience, Scenario
 from cl.evaluation import Evaluator
+from tests.helpers import DEVICES
 
 
 class FixedLogits:
     """Stands in for a strategy: logits are a fixed table indexed by the sample's value."""
 
-    def __init__(self, table):
-        self.table = torch.tensor(table, dtype=torch.float)
+    def __init__(self, table, device="cpu"):
+        self.table = torch.tensor(table, dtype=torch.float, device=device)
         self.model = torch.nn.Linear(1, 1)
         self.seen_task_ids = []
 
@@ -45,10 +46,11 @@ TABLE = [
 ]
 
 
-def test_class_il_masks_unseen_classes_and_task_il_masks_to_experience():
-    s = scenario("class-il")
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_il_masks_unseen_classes_and_task_il_masks_to_experience(device):
+    s = scenario("class-il").to(device)
     ev = Evaluator(s, batch_size=3)  # batch size that does not divide the experience sizes
-    strat = FixedLogits(TABLE)
+    strat = FixedLogits(TABLE, device)
     ev.evaluate_row(0, strat)  # row 0: argmax over all 4 classes
     # exp 1: argmax per row = 3, 2, 1, 1 vs y 0, 1, 1, 0 -> 1/4; exp 2: 2, 0, 3, 3 vs 2, 3, 2, 3 -> 2/4
     assert ev.matrix[0].tolist() == [0.25, 0.5]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"cl: run failed: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `cl runs | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("cl: interrupted; finished runs are stored, the current one is not", file=sys.stderr)
         return 130

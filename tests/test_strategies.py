@@ -1,5 +1,6 @@
 """Strategies learn, and the ones that claim to reduce forgetting do."""
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,9 +108,7 @@ def test_whole_run_stays_on_the_device(device):
 
 @pytest.mark.slow
 def test_quickstart_er_beats_naive_on_fashion_mnist():
-    pytest.importorskip("cl.scenarios")
-    import os
-    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     cfg = load_experiment("experiments/quickstart.toml", seeds=[0])
     naive, er, joint = (run(cfg, index=i)["metrics"] for i in range(3))

@@ -17,8 +17,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cl.report import COLUMNS, comparison_frame, mean_std
+from cl.report import COLUMNS, comparison_frame, label_variants, mean_std
 from cl.store import ResultStore
+
+
+CSV_COLUMNS = ("id", "experiment", "strategy", "seed", "status", "acc", "task_il_acc", "bwt", "fwt", "forgetting",
+               "avg_inc_acc", "wall_seconds", "memory_bytes", "model_bytes", "forward_samples",
+               "backward_samples", "created_at")
+
+
+def _sections(store: ResultStore, rows: list[dict[str, Any]]):
+    """(experiment, setup key, title, [(row, record)]) per experiment and setup.
+
+    Runs of one experiment file with different settings (e.g. `--set training.lr=...`)
+    have different setup keys and are never averaged together; the newest setup
+    of an experiment comes first.
+    """
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for row in rows:
+        record = store.get(row["id"])
+        groups.setdefault((row["experiment"], record.get("setup_key", "")), []).append((row, record))
+    for experiment in sorted({e for e, _ in groups}):
+        keys = sorted((k for e, k in groups if e == experiment),
+                      key=lambda k: max(r["created_at"] for r, _ in groups[(experiment, k)]), reverse=True)
+        for i, key in enumerate(keys):
+            title = experiment if len(keys) == 1 else \
+                f"{experiment} (setup {key[:8]}{', newest' if i == 0 else ''})"
+            yield experiment, key, title, groups[(experiment, key)]
 
 
 def _slug(name: str) -> str:
@@ -90,37 +115,31 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
           "BWT, FWT and forgetting follow the definitions in the project README.", ""]
     body = []
     csv_rows = []
-    for experiment in sorted({r["experiment"] for r in rows}):
-        exp_rows = [r for r in rows if r["experiment"] == experiment]
-        records = [store.get(r["id"]) for r in exp_rows]
-        frame = comparison_frame(exp_rows)
-        frame["compute_samples"] = [np.mean([r["forward_samples"] + r["backward_samples"]
-                                             for r in exp_rows if r["strategy"] == s]) for s in frame.index]
-        headers, cells = _table_rows(frame)
+    for experiment, setup_key, title, group in _sections(store, rows):
+        exp_rows = label_variants([row for row, _ in group])
+        records = [record for _, record in group]
+        headers, cells = _table_rows(comparison_frame(exp_rows))
         first = records[0]
         scenario = first["scenario"]
         setting = first.get("setting", "")
         about = first["config"].get("description") or ""
-        md += [f"## {experiment}", "", about, "",
+        md += [f"## {title}", "", about, "",
                f"Scenario `{scenario.get('name')}` ({setting}), model `{first['config']['model']['name']}`, "
                f"device {first['device']}, commit `{first['git_commit']}`.", "",
                "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         md += ["| " + " | ".join(c) + " |" for c in cells]
+        png = out / f"{_slug(title)}.png"
         if plots:
-            png = out / f"{_slug(experiment)}.png"
-            _plot(experiment, records, png)
+            _plot(title, [{**rec, "strategy": row["strategy"]} for rec, row in zip(records, exp_rows)], png)
             written.append(png)
-            md += ["", f"![{experiment}]({png.name})"]
+            md += ["", f"![{title}]({png.name})"]
         md.append("")
-        body.append(f"<h2>{html.escape(experiment)}</h2><p>{html.escape(about)}</p>"
+        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(about)}</p>"
                     + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-                    + "</table>" + (f'<img src="{_slug(experiment)}.png" alt="{html.escape(experiment)}">' if plots else ""))
+                    + "</table>" + (f'<img src="{png.name}" alt="{html.escape(title)}">' if plots else ""))
         for r in exp_rows:
-            csv_rows.append({k: r[k] for k in ("id", "experiment", "strategy", "seed", "status", "acc", "task_il_acc",
-                                                "bwt", "fwt", "forgetting", "avg_inc_acc", "wall_seconds",
-                                                "memory_bytes", "model_bytes", "forward_samples",
-                                                "backward_samples", "created_at")})
+            csv_rows.append({"setup_key": setup_key, **{k: r[k] for k in CSV_COLUMNS}})
     if not rows:
         md.append("No completed runs in the store yet: run `cl run experiments/quickstart.toml`.")
     (out / "README.md").write_text("\n".join(md) + "\n")

@@ -1,6 +1,7 @@
 """Tables over stored runs: mean and spread per strategy."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
@@ -19,7 +20,26 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         out[f"{col}_mean"] = values.groupby(df["strategy"], sort=False).mean()
         out[f"{col}_std"] = values.groupby(df["strategy"], sort=False).std(ddof=1)
     out["memory_mb"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
+    compute = df["forward_samples"] + df["backward_samples"]
+    out["compute_samples"] = compute.groupby(df["strategy"], sort=False).mean()
     return out.sort_values("acc_mean", ascending=False)
+
+
+def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose `strategy` names one table row: a label run with several hyperparameter
+    sets becomes one row per set, e.g. "er (buffer_size=200)" and "er (buffer_size=500)"."""
+    by_label: dict[str, set[str]] = {}
+    for r in rows:
+        by_label.setdefault(r["strategy"], set()).add(json.dumps(r["params"], sort_keys=True))
+    out = []
+    for r in rows:
+        variants = [json.loads(v) for v in sorted(by_label[r["strategy"]])]
+        if len(variants) > 1:
+            differing = sorted(k for k in r["params"] if len({json.dumps(v.get(k)) for v in variants}) > 1)
+            settings = ", ".join(f"{k}={r['params'][k]}" for k in differing)
+            r = {**r, "strategy": f"{r['strategy']} ({settings})"}
+        out.append(r)
+    return out
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:

@@ -24,7 +24,7 @@ from cl.metrics import accuracy, compute_metrics
 from cl.models import model_bytes
 from cl.params import params_to_dict
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
-from cl.store import ResultStore, run_key
+from cl.store import ResultStore, run_key, setup_key
 from cl.strategy import Strategy
 
 
@@ -150,10 +150,11 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
     if task_il is not None:
         metrics["task_il"] = compute_metrics(task_il)
     params = params_to_dict(component.params)
+    # The device is part of a run's identity: CPU and CUDA generators draw different streams.
+    setup = {**config.setup_identity(), "device": device.type}
     return {
-        # The device is part of a run's identity: CPU and CUDA generators draw different streams.
-        "run_key": run_key(config.name, component.label, {"name": component.name, **params}, seed,
-                           {**config.setup_identity(), "device": device.type}),
+        "run_key": run_key(config.name, component.label, {"name": component.name, **params}, seed, setup),
+        "setup_key": setup_key(setup),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "experiment": config.name, "strategy": component.label, "strategy_name": component.name,
         "params": params, "seed": seed, "status": "completed",

@@ -50,6 +50,11 @@ def run_key(experiment: str, strategy: str, params: dict, seed: int, setup: dict
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def setup_key(setup: dict) -> str:
+    """Short identity of everything but strategy and seed: runs that may be averaged together."""
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class ResultStore:
     def __init__(self, url: str = DEFAULT_STORE):
         self.url = url

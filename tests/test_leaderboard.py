@@ -43,3 +43,20 @@ def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path)
 def test_empty_store_gives_a_page_that_says_so(tmp_path):
     generate(ResultStore(f"sqlite:///{tmp_path}/empty.db"), tmp_path / "out", plots=False)
     assert "No completed runs" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_runs_with_other_settings_are_never_averaged_together(tmp_path):
+    store = ResultStore(f"sqlite:///{tmp_path}/runs.db")
+    for lr, buffers in ((0.05, (20, 50)), (0.1, (50,))):
+        for size in buffers:
+            cfg = digits_experiment([{"name": "er", "buffer_size": size}], n_experiences=2, lr=lr)
+            scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+            store.write(run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False))
+    generate(store, tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "README.md").read_text()
+    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    assert len(sections) == 2  # lr 0.05 and lr 0.1 are two setups
+    assert sum("newest" in s for s in sections) == 1
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| er")]
+    # Same label, two hyperparameter sets under lr 0.05: two table rows, each of one seed.
+    assert sorted(rows) == ["| er", "| er (buffer_size=20)", "| er (buffer_size=50)"]

@@ -108,7 +108,6 @@ def main() -> None:
         cfg = experiment(args.data_dir, strategy)
         scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0).to(device)
         ours, bare = [], []
-        T = scenario.n_experiences
         for rep in range(args.repeats):
             # Alternate which side goes first, so neither always runs on a warmer machine.
             for side in (("cl", "bare") if rep % 2 == 0 else ("bare", "cl")):

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from cl.errors import RunError, UserError
 from cl.store import DEFAULT_STORE

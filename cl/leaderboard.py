@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cl.report import COLUMNS, comparison_frame, label_variants, mean_std
+from cl.report import comparison_table, label_variants
 from cl.store import ResultStore
 
 
@@ -54,24 +54,6 @@ def _seen_accuracy_curve(matrix: list[list[float | None]]) -> list[float]:
     """Mean accuracy over experiences 1..i after training experience i (NaN where not measured)."""
     R = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     return [float(np.mean(R[i, :i])) for i in range(1, R.shape[0])]
-
-
-def _table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    headers = ["strategy", "seeds"] + [h for _, h in COLUMNS] + ["memory MB", "fwd+bwd samples"]
-    rows = []
-    for name, r in frame.iterrows():
-        cells = [str(name), str(int(r["seeds"]))]
-        cells += [mean_std(r[f"{c}_mean"], r[f"{c}_std"], 1 if c == "wall_seconds" else 3) for c, _ in COLUMNS]
-        cells += [f"{r['memory_mb']:.2f}", _count(r["compute_samples"])]
-        rows.append(cells)
-    return headers, rows
-
-
-def _count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
 
 
 def _plot(name: str, runs: list[dict[str, Any]], path: Path) -> None:
@@ -118,7 +100,7 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
     for experiment, setup_key, title, group in _sections(store, rows):
         exp_rows = label_variants([row for row, _ in group])
         records = [record for _, record in group]
-        headers, cells = _table_rows(comparison_frame(exp_rows))
+        headers, cells = comparison_table(exp_rows)
         first = records[0]
         scenario = first["scenario"]
         setting = first.get("setting", "")

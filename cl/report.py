@@ -42,16 +42,29 @@ def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells of the comparison, best ACC first (for text, markdown, HTML)."""
+    headers = ["strategy", "seeds"] + [h for _, h in COLUMNS] + ["memory MB", "fwd+bwd samples"]
+    cells = []
+    for name, r in comparison_frame(rows).iterrows():
+        row = [str(name), str(int(r["seeds"]))]
+        row += [mean_std(r[f"{c}_mean"], r[f"{c}_std"], 1 if c == "wall_seconds" else 3) for c, _ in COLUMNS]
+        row += [f"{r['memory_mb']:.2f}", count(r["compute_samples"])]
+        cells.append(row)
+    return headers, cells
+
+
+def count(n: float) -> str:
+    """1234567 -> '1.2M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_comparison(rows: list[dict[str, Any]]) -> str:
-    frame = comparison_frame(rows)
-    headers = ["strategy", "seeds"] + [h for _, h in COLUMNS] + ["memory MB"]
-    lines = []
-    for name, r in frame.iterrows():
-        cells = [str(name), str(int(r["seeds"]))]
-        for col, _ in COLUMNS:
-            cells.append(mean_std(r[f"{col}_mean"], r[f"{col}_std"], 1 if col == "wall_seconds" else 3))
-        cells.append(f"{r['memory_mb']:.2f}")
-        lines.append(cells)
+    """The comparison as an aligned plain-text table (printed by `cl run`)."""
+    headers, lines = comparison_table(rows)
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])

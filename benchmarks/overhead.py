@@ -2,12 +2,14 @@
 
 Split Fashion-MNIST (class-incremental, 5 experiences), MLP 784-100-100-10,
 SGD lr 0.01, batch 10, one epoch; naive fine-tuning and ER (reservoir buffer
-of 500, replay batch 10). Both sides build the same model from the same seed,
-draw batches and replay samples from an identically seeded generator and
-evaluate class-IL and task-IL accuracy before training and after every
-experience, so both accuracy matrices must agree exactly; the script checks
-that before it reports the ratio of wall times (median over --repeats runs,
-the two sides alternating which goes first).
+of 500, replay batch 10 drawn without replacement). Both sides keep the images
+as uint8 on the device and decode each batch to float (stream and replay
+samples alike), build the same model from the same seed, draw batches and
+replay samples from an identically seeded generator and evaluate class-IL and
+task-IL accuracy before training and after every experience, so both accuracy
+matrices must agree exactly; the script checks that before it reports the
+ratio of wall times (median over --repeats runs, the two sides alternating
+which goes first).
 
     python benchmarks/overhead.py [--repeats 5] [--device cpu] [--data-dir DIR]
 """
@@ -21,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from cl.config import build_experiment
-from cl.runner import build_scenario, build_strategy, load_datasets, resolve_device, run_one
+from cl.registry import MODELS
+from cl.runner import build_scenario, load_datasets, resolve_device, run_one
+from cl.seeding import RUN_STREAMS, spawn_seeds
 
 
 def experiment(data_dir: str | None, strategy: dict):
@@ -36,12 +40,15 @@ def experiment(data_dir: str | None, strategy: dict):
 
 def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float]]:
     """The same run written as one plain function: no strategy object, no hooks, no evaluator."""
-    model = build_strategy(cfg.strategies[0], cfg, scenario, device, seed).model  # same init as cl
+    init_seed, strategy_seed = spawn_seeds(seed, 2, RUN_STREAMS)  # the run's two streams, as cl derives them
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        model = MODELS.get("mlp").obj(cfg.model.params, scenario.input_shape, scenario.n_classes, 1).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(strategy_seed)
     capacity, n_seen = 500, 0
-    buf_x = torch.zeros((capacity + 1, *scenario.input_shape), device=device)
+    buf_x = torch.zeros((capacity + 1, *scenario.input_shape), dtype=torch.uint8, device=device)
     buf_y = torch.zeros(capacity + 1, dtype=torch.long, device=device)
     arange10 = torch.arange(10, device=device)
     seen = torch.zeros(scenario.n_classes, dtype=torch.bool, device=device)
@@ -56,7 +63,7 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
                 task_mask = torch.zeros_like(seen)
                 task_mask[exp.classes] = True
                 for s in range(0, len(exp), 2000):
-                    logits, y = model(exp.x[s:s + 2000]), exp.y[s:s + 2000]
+                    logits, y = model(exp.x[s:s + 2000].float().div_(255)), exp.y[s:s + 2000]
                     masked = logits.masked_fill(~seen, float("-inf")) if row > 0 else logits
                     hits = hits + (masked.argmax(1) == y).sum()
                     hits_task = hits_task + (logits.masked_fill(~task_mask, float("-inf")).argmax(1) == y).sum()
@@ -67,10 +74,11 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
     evaluate(0)
     for exp in scenario.train:
         for idx in torch.randperm(len(exp), generator=gen, device=device).split(10):
-            x, y = exp.x[idx], exp.y[idx]
+            raw, y = exp.x[idx], exp.y[idx]
+            x = raw.float().div_(255)
             if replay and n_seen > 0:
-                j = torch.randint(min(n_seen, capacity), (10,), generator=gen, device=device)
-                x_all, y_all = torch.cat([x, buf_x[j]]), torch.cat([y, buf_y[j]])
+                j = torch.randperm(min(n_seen, capacity), generator=gen, device=device)[:10]
+                x_all, y_all = torch.cat([x, buf_x[j].float().div_(255)]), torch.cat([y, buf_y[j]])
             else:
                 x_all, y_all = x, y
             opt.zero_grad(set_to_none=True)
@@ -79,7 +87,7 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
             if replay:  # reservoir sampling, the same batched update as cl.buffers
                 b = len(y)
                 if n_seen + b <= capacity:
-                    buf_x[n_seen:n_seen + b], buf_y[n_seen:n_seen + b] = x, y
+                    buf_x[n_seen:n_seen + b], buf_y[n_seen:n_seen + b] = raw, y
                 else:
                     offsets = arange10[:b]
                     g = offsets + n_seen
@@ -88,7 +96,7 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
                     ok = slot < capacity
                     later = (slot[None] == slot[:, None]) & (offsets[None] > offsets[:, None]) & ok[None]
                     slot = torch.where(ok & ~later.any(1), slot, capacity)
-                    buf_x[slot], buf_y[slot] = x, y
+                    buf_x[slot], buf_y[slot] = raw, y
                 n_seen += b
         seen[exp.classes] = True
         evaluate(len(rows))
@@ -118,7 +126,7 @@ def main() -> None:
                 else:
                     rows = bare_loop(cfg, scenario, device, rep, replay=name == "er")
                     bare.append(time.perf_counter() - t0)
-            ours_rows = [a + b for a, b in zip(record["matrix"], record["task_il_matrix"])]
+            ours_rows = [a + b for a, b in zip(record.matrix, record.task_il_matrix)]
             same = all(abs(a - b) < 1e-9 for row_ours, row_bare in zip(ours_rows, rows)
                        for a, b in zip(row_ours, row_bare))
             if not same:
@@ -127,7 +135,7 @@ def main() -> None:
         print(f"{name:<6} cl median {statistics.median(ours):5.2f}s best {min(ours):5.2f}s | "
               f"bare median {statistics.median(bare):5.2f}s best {min(bare):5.2f}s | "
               f"ratio: median of per-run ratios {ratio:.3f}, best/best {min(ours) / min(bare):.3f} | "
-              f"final ACC {record['metrics']['acc']:.3f}, identical matrices")
+              f"final ACC {record.metrics.acc:.3f}, identical matrices")
 
 
 if __name__ == "__main__":

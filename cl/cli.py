@@ -13,7 +13,7 @@ import sys
 from cl.errors import RunError, UserError
 from cl.store import DEFAULT_STORE
 
-LISTABLE = ("strategies", "scenarios", "datasets", "models", "training")
+LISTABLE = ("strategies", "scenarios", "datasets", "models", "training", "transforms")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="folder holding the dataset files (overrides dataset.data_dir)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets, models, or training options")
+    lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets, models, "
+                                      "or the training and transforms options")
     lst.add_argument("what", choices=LISTABLE)
 
     show = sub.add_parser("show", help="print one stored run: accuracy matrix and metrics")
@@ -80,27 +81,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
           f"on {device}, results -> {args.store}", flush=True)
     records = run_experiment(config, store, device, progress=not args.no_progress)
-    rows = [{**r["metrics"], **r["budgets"], "strategy": r["strategy"], "seed": r["seed"]} for r in records]
     print()
-    print(format_comparison(rows))
+    print(format_comparison([r.headline() for r in records], records[0].setting))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from cl.params import describe_params
     from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
-
-    from cl.strategy import TrainingParams
+    from cl.training import TrainingParams
+    from cl.transforms import TransformParams
 
     if args.what == "training":
         entries = [("[training]", "How each experience is trained (the [training] table).", TrainingParams)]
+    elif args.what == "transforms":
+        entries = [("[transforms]", "The input pipeline, applied on the device to stream and buffer samples "
+                                    "(the [transforms] table).", TransformParams)]
     else:
         registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "datasets": DATASETS, "models": MODELS}[args.what]
         entries = [(e.name, e.doc, e.params) for e in registry.entries()]
     for name, doc, params in entries:
         print(f"{name}: {doc}")
         for p in describe_params(params):
-            print(f"    {p['name']} ({p['type']}, default {p['default']!r}): {p['doc']}")
+            default = "required" if p["required"] else f"default {p['default']!r}"
+            print(f"    {p['name']} ({p['type']}, {default}): {p['doc']}")
     return 0
 
 
@@ -114,32 +118,47 @@ def _format_matrix(matrix: list[list[float | None]]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from cl.store import ResultStore
 
     run = ResultStore(args.store).get(args.run_id)
     if args.json:
-        print(json.dumps(run, indent=2, default=str))
+        print(json.dumps({"id": run.id, **run.to_json()}, indent=2, default=str))
         return 0
-    print(f"run {run['id']}: {run['experiment']} / {run['strategy']} / seed {run['seed']} ({run['status']})")
-    print(f"params: {json.dumps(run['params'])}")
-    cfg = run["config"]
+    print(f"run {run.id}: {run.experiment} / {run.strategy} / seed {run.seed} ({run.status})")
+    print(f"params: {json.dumps(run.params)}")
+    cfg = run.config
     print(f"setup: datasets {[d['name'] for d in cfg['datasets']]}, scenario {json.dumps(cfg['scenario'])}, "
           f"model {json.dumps(cfg['model'])}, training {json.dumps(cfg['training'])}")
-    print(f"\naccuracy matrix ({run['setting']}):")
-    print(_format_matrix(run["matrix"]))
-    if run.get("task_il_matrix"):
+    print(f"\naccuracy matrix ({run.setting}):")
+    print(_format_matrix(run.matrix))
+    if run.task_il_matrix:
         print("\ntask-IL accuracy matrix:")
-        print(_format_matrix(run["task_il_matrix"]))
-    print("\nmetrics:")
-    for key, value in run["metrics"].items():
-        if not isinstance(value, dict):
-            print(f"  {key:<12} {'-' if value is None else f'{value:.4f}'}")
-    b = run["budgets"]
-    print(f"\nbudgets: wall {b['wall_seconds']:.1f}s (eval {b['eval_seconds']:.1f}s), "
-          f"memory {b['memory_bytes']} B, model {b['model_bytes']} B, "
-          f"forward {b['forward_samples']} / backward {b['backward_samples']} samples")
-    print(f"device: {run['device']}, commit {run['git_commit']}")
+        print(_format_matrix(run.task_il_matrix))
+    print("\nmetrics:" + ("" if run.task_il_metrics is None else "                 (task-IL)"))
+    task_il = dataclasses.asdict(run.task_il_metrics) if run.task_il_metrics is not None else {}
+    for key, value in dataclasses.asdict(run.metrics).items():
+        extra = f"  {_number(task_il[key]):>10}" if task_il else ""
+        print(f"  {key:<12} {_number(value):>10}{extra}")
+    if run.logs:
+        print("\nlogged by the strategy (mean per experience):")
+        for name, values in run.logs.items():
+            print(f"  {name:<12} " + " ".join(f"{_number(v):>9}" for v in values))
+    b = run.budgets
+    print(f"\nbudgets: wall {b.wall_seconds:.1f}s (eval {b.eval_seconds:.1f}s), "
+          f"memory {b.memory_bytes} B, model {b.model_bytes} B, scenario data {b.scenario_bytes} B, "
+          f"forward {b.forward_samples} / backward {b.backward_samples} / eval {b.eval_forward_samples} samples")
+    p = run.provenance
+    package = p["strategy_package"]
+    print(f"code: {p['code_version']}; strategy from "
+          f"{'an unpackaged module' if package is None else package['name'] + ' ' + package['version']}")
+    print(f"device: {p['device']}")
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@
     name = "mlp"
     [training]
     epochs = 1
+    [transforms]         # optional input pipeline: resize, augmentation, normalisation
+    normalize = true
     [[strategies]]
     name = "er"
     buffer_size = 500
@@ -29,10 +31,12 @@ from typing import Any
 from cl.errors import UserError
 from cl.params import build_params, params_to_dict
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, Registry
-from cl.strategy import TrainingParams
+from cl.training import TrainingParams
+from cl.transforms import TransformParams
 
 TOP_LEVEL = {"name": "str", "description": "str", "seeds": "list[int]", "dataset": "table or list of tables",
-             "scenario": "table", "model": "table", "training": "table", "strategies": "list of tables"}
+             "scenario": "table", "model": "table", "training": "table", "transforms": "table",
+             "strategies": "list of tables"}
 REQUIRED = ("name", "dataset", "scenario", "model", "strategies")
 # Keys that do not change results and so do not enter a run's identity.
 NON_RESULT_KEYS = {"data_dir"}
@@ -59,13 +63,15 @@ class ExperimentConfig:
     scenario: Component
     model: Component
     training: TrainingParams
+    transforms: TransformParams
     strategies: list[Component]
     source: str = ""
 
     def setup(self) -> dict[str, Any]:
         """Everything but strategies and seeds, as JSON-able data (stored with each run)."""
         return {"datasets": [d.as_dict() for d in self.datasets], "scenario": self.scenario.as_dict(),
-                "model": self.model.as_dict(), "training": dataclasses.asdict(self.training)}
+                "model": self.model.as_dict(), "training": dataclasses.asdict(self.training),
+                "transforms": dataclasses.asdict(self.transforms)}
 
     def setup_identity(self) -> dict[str, Any]:
         setup = copy.deepcopy(self.setup())
@@ -181,6 +187,7 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     scenario = _component(SCENARIOS, raw["scenario"], f"{where}: [scenario]")
     model = _component(MODELS, raw["model"], f"{where}: [model]")
     training = build_params(TrainingParams, raw.get("training", {}), f"{where}: [training]")
+    transforms = build_params(TransformParams, raw.get("transforms", {}), f"{where}: [transforms]")
 
     tables = raw["strategies"]
     if not isinstance(tables, list) or not tables:
@@ -195,7 +202,7 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
         if unknown_sel:
             raise UserError(f"--strategy {unknown_sel[0]!r} is not in this experiment (has: {', '.join(labels)})")
         strategies = [s for s in strategies if s.label in only_strategies]
-    return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training,
+    return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training, transforms,
                             strategies, source)
 
 

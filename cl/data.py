@@ -6,16 +6,19 @@ training loop only ever indexes it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
+
+from cl.transforms import SampleTransform
 
 SETTINGS = ("class-il", "task-il", "domain-il")
 
 
 @dataclasses.dataclass
 class LabelledData:
-    """A dataset as four tensors: x is float32 in [0, 1] with shape (N, *input_shape)."""
+    """A dataset as four tensors: x is uint8 for images (0..255) or float32, shape (N, *input_shape)."""
 
     name: str
     x_train: torch.Tensor
@@ -36,24 +39,92 @@ class LabelledData:
 
 @dataclasses.dataclass
 class Experience:
-    """One step of a stream: samples, the task id, and the classes present."""
+    """One step of a stream: samples, the task id, the classes present, and the sample transform.
+
+    `x` holds the inputs as stored (uint8 images, or float), possibly shared with
+    other experiences of the stream; `transform` (a permutation, a rotation, or
+    None) is applied when inputs are read with `inputs(index)`, so a scenario
+    never materialises one transformed copy of the data per experience.
+    """
 
     id: int
     x: torch.Tensor
     y: torch.Tensor
     task_id: int
     classes: torch.Tensor  # sorted long tensor of the class ids present
+    transform: SampleTransform | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def to(self, device: torch.device | str) -> "Experience":
-        return dataclasses.replace(self, x=self.x.to(device), y=self.y.to(device),
-                                   classes=self.classes.to(device))
+    def inputs(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Stored-form inputs of the samples at `index` (all when None), with the sample transform applied."""
+        x = self.x if index is None else self.x[index]
+        return x if self.transform is None else self.transform(x)
+
+    @functools.cached_property
+    def t(self) -> torch.Tensor:
+        """Task id of every sample (a broadcast view: no memory per sample)."""
+        return torch.tensor(self.task_id, device=self.y.device).expand(len(self))
+
+    def task_ids(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Task ids of the samples at `index`: all equal, so a slice of `t` (no gather)."""
+        return self.t[: len(index)] if isinstance(index, torch.Tensor) else self.t[index]
+
+    def to(self, device: torch.device | str, moved: dict[int, torch.Tensor] | None = None) -> "Experience":
+        """A copy on `device`; tensors shared between experiences stay shared (through `moved`)."""
+        moved = {} if moved is None else moved
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device)
+            return moved[id(t)]
+
+        return dataclasses.replace(self, x=move(self.x), y=move(self.y), classes=self.classes.to(device),
+                                   transform=None if self.transform is None else self.transform.to(device))
 
     def __repr__(self) -> str:
         return (f"Experience(id={self.id}, task_id={self.task_id}, n={len(self)}, "
                 f"classes={self.classes.tolist()})")
+
+
+@dataclasses.dataclass
+class Samples:
+    """Materialised samples in stored form (e.g. the union of experiences that joint training keeps)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def inputs(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        return self.x if index is None else self.x[index]
+
+    def task_ids(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return self.t[index]
+
+    @classmethod
+    def of(cls, exp: Experience) -> "Samples":
+        """An experience's samples with its sample transform applied (no copy when it has none)."""
+        return cls(exp.inputs(), exp.y, exp.t)
+
+    @classmethod
+    def cat(cls, parts: list["Samples"]) -> "Samples":
+        return cls(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.t for p in parts]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    """What a strategy may know about its stream: sizes and setting, never samples."""
+
+    n_experiences: int
+    n_classes: int
+    n_tasks: int
+    setting: str
+    task_labels_at_test: bool
+    input_shape: tuple[int, ...]  # what the model receives, after the input pipeline
 
 
 @dataclasses.dataclass
@@ -91,8 +162,22 @@ class Scenario:
         return tuple(self.train[0].x.shape[1:])
 
     def to(self, device: torch.device | str) -> "Scenario":
-        return dataclasses.replace(self, train=[e.to(device) for e in self.train],
-                                   test=[e.to(device) for e in self.test])
+        moved: dict[int, torch.Tensor] = {}  # shared data is moved once and stays shared
+        return dataclasses.replace(self, train=[e.to(device, moved) for e in self.train],
+                                   test=[e.to(device, moved) for e in self.test])
+
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensor storages behind both streams (shared data counted once)."""
+        storages = {}
+        for exp in self.train + self.test:
+            for t in (exp.x, exp.y):
+                storage = t.untyped_storage()
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
+    def stream_info(self, input_shape: tuple[int, ...]) -> StreamInfo:
+        return StreamInfo(self.n_experiences, self.n_classes, self.n_tasks, self.setting,
+                          self.task_labels_at_test, tuple(input_shape))
 
     def __getitem__(self, index: int | slice) -> "Scenario | tuple[Experience, Experience]":
         """`s[i]` is the pair (train[i], test[i]); `s[a:b]` is a shorter Scenario."""
@@ -110,3 +195,7 @@ class Scenario:
             lines.append(f"  {tr.id}: task {tr.task_id}, train {len(tr)}, test {len(te)}, "
                          f"classes {tr.classes.tolist()}")
         return "\n".join(lines)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -10,8 +10,11 @@ Which logits count depends on the scenario's setting:
   the classes of the test experience.
 - domain-il: argmax over all classes.
 
-Everything stays on the device; correct counts are summed there and copied to
-the host once per row.
+Inputs are read through each test experience's sample transform and the
+strategy's input pipeline (`strategy.prepare(..., train=False)`: no
+augmentation). Everything stays on the device; correct counts are summed there
+and copied to the host once per row. Forward passes made here are counted by
+the strategy's compute count as evaluation samples.
 """
 from __future__ import annotations
 
@@ -36,7 +39,6 @@ class Evaluator:
             mask[exp.classes] = True
             self._class_masks.append(mask)
         self._seen = torch.zeros(scenario.n_classes, dtype=torch.bool, device=device)
-        self.eval_forward_samples = 0
 
     def mark_trained(self, experience_index: int) -> None:
         """Add the classes of training experience `experience_index` to the seen set."""
@@ -50,27 +52,21 @@ class Evaluator:
         correct = torch.zeros(T, dtype=torch.long, device=device)
         correct_task = torch.zeros(T, dtype=torch.long, device=device)
         primary_mask = self._seen if (scenario.setting == "class-il" and row > 0) else None
-        was_training = strategy.model.training
-        strategy.model.eval()
-        try:
+        with strategy.evaluation():
             for j, exp in enumerate(scenario.test):
                 exp_mask = self._class_masks[j]
                 for start in range(0, len(exp), self.batch_size):
-                    x = exp.x[start:start + self.batch_size]
-                    y = exp.y[start:start + self.batch_size]
-                    t = None
-                    if scenario.task_labels_at_test:
-                        t = torch.full_like(y, exp.task_id)
+                    part = slice(start, start + self.batch_size)
+                    x = strategy.prepare(exp.inputs(part), train=False)
+                    y = exp.y[part]
+                    t = torch.full_like(y, exp.task_id) if scenario.task_labels_at_test else None
                     logits = strategy.predict(x, t)
-                    self.eval_forward_samples += len(y)
                     if scenario.setting == "task-il":
                         correct[j] += _hits(logits, y, exp_mask)
                         continue
                     correct[j] += _hits(logits, y, primary_mask)
                     if self.task_il_matrix is not None:
                         correct_task[j] += _hits(logits, y, exp_mask)
-        finally:
-            strategy.model.train(was_training)
         sizes = np.array([len(e) for e in scenario.test], dtype=float)
         counts = torch.stack([correct, correct_task]).cpu().numpy()  # the row's one host copy
         self.matrix[row] = counts[0] / sizes

@@ -1,49 +1,50 @@
 """Regenerate the leaderboard from the result store.
 
-For every experiment in the store: a table of strategies (mean ± sample std
-over seeds of the headline metrics and budgets) and a plot of average accuracy
-on the experiences seen so far after each experience. Outputs, all derived
-from the store alone: `README.md` (tables), `results.csv` (one row per run),
+For every experiment and setup in the store (a setup fixes dataset, scenario,
+model, training, transforms, device and code version, so runs of different code
+are never averaged together): a table of strategies (mean ± sample std over
+seeds of the headline metrics and budgets) and a plot of average accuracy on
+the experiences seen so far after each experience. Outputs, all derived from
+the store alone: `README.md` (tables), `results.csv` (one row per run),
 `index.html` (tables and plots) and `<experiment>.png`.
 """
 from __future__ import annotations
 
 import html
+import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
+from cl.record import RunRecord
 from cl.report import comparison_table, label_variants
 from cl.store import ResultStore
 
 
-CSV_COLUMNS = ("id", "experiment", "strategy", "seed", "status", "acc", "task_il_acc", "bwt", "fwt", "forgetting",
-               "avg_inc_acc", "wall_seconds", "memory_bytes", "model_bytes", "forward_samples",
-               "backward_samples", "created_at")
+CSV_COLUMNS = ("id", "experiment", "setup_key", "code_version", "strategy", "strategy_name", "params", "seed",
+               "status", "acc", "task_il_acc", "bwt", "fwt", "forgetting", "avg_inc_acc", "wall_seconds",
+               "memory_bytes", "model_bytes", "forward_samples", "backward_samples", "created_at")
 
 
-def _sections(store: ResultStore, rows: list[dict[str, Any]]):
-    """(experiment, setup key, title, [(row, record)]) per experiment and setup.
+def _sections(records: list[RunRecord]):
+    """(setup key, title, [record]) per experiment and setup.
 
     Runs of one experiment file with different settings (e.g. `--set training.lr=...`)
-    have different setup keys and are never averaged together; the newest setup
-    of an experiment comes first.
+    or of different code versions have different setup keys and are never averaged
+    together; the newest setup of an experiment comes first.
     """
-    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for row in rows:
-        record = store.get(row["id"])
-        groups.setdefault((row["experiment"], record.get("setup_key", "")), []).append((row, record))
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.experiment, record.setup_key), []).append(record)
     for experiment in sorted({e for e, _ in groups}):
         keys = sorted((k for e, k in groups if e == experiment),
-                      key=lambda k: max(r["created_at"] for r, _ in groups[(experiment, k)]), reverse=True)
+                      key=lambda k: max(r.created_at for r in groups[(experiment, k)]), reverse=True)
         for i, key in enumerate(keys):
             title = experiment if len(keys) == 1 else \
                 f"{experiment} (setup {key[:8]}{', newest' if i == 0 else ''})"
-            yield experiment, key, title, groups[(experiment, key)]
+            yield key, title, groups[(experiment, key)]
 
 
 def _slug(name: str) -> str:
@@ -56,7 +57,7 @@ def _seen_accuracy_curve(matrix: list[list[float | None]]) -> list[float]:
     return [float(np.mean(R[i, :i])) for i in range(1, R.shape[0])]
 
 
-def _plot(name: str, runs: list[dict[str, Any]], path: Path) -> None:
+def _plot(name: str, runs: list[tuple[str, RunRecord]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,8 +65,8 @@ def _plot(name: str, runs: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     by_strategy: dict[str, list[list[float]]] = {}
-    for run in runs:
-        by_strategy.setdefault(run["strategy"], []).append(_seen_accuracy_curve(run["matrix"]))
+    for label, run in runs:
+        by_strategy.setdefault(label, []).append(_seen_accuracy_curve(run.matrix))
     for strategy, curves in by_strategy.items():
         with warnings.catch_warnings():  # joint runs leave rows unmeasured: all-NaN columns are expected
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -89,30 +90,28 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
     """Write the leaderboard files for every experiment in the store; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in store.list_runs() if r["status"] == "completed"]
+    records = store.records(status="completed")
     written = []
     md = ["# Leaderboard", "",
           "Generated by `cl leaderboard` from the result store; every number is mean ± sample std over seeds.",
           "ACC is the final average accuracy in the scenario's setting (class-IL: argmax over classes seen);",
-          "BWT, FWT and forgetting follow the definitions in the project README.", ""]
+          "BWT, FWT and forgetting follow the definitions in the project README. In class-IL sections the",
+          "FWT column is measured on task-IL accuracy (class-IL FWT is the same for every strategy).", ""]
     body = []
     csv_rows = []
-    for experiment, setup_key, title, group in _sections(store, rows):
-        exp_rows = label_variants([row for row, _ in group])
-        records = [record for _, record in group]
-        headers, cells = comparison_table(exp_rows)
-        first = records[0]
-        scenario = first["scenario"]
-        setting = first.get("setting", "")
-        about = first["config"].get("description") or ""
+    for _, title, group in _sections(records):
+        exp_rows = label_variants([r.headline() for r in group])
+        first = group[0]
+        headers, cells = comparison_table(exp_rows, first.setting)
+        about = first.config.get("description") or ""
         md += [f"## {title}", "", about, "",
-               f"Scenario `{scenario.get('name')}` ({setting}), model `{first['config']['model']['name']}`, "
-               f"device {first['device']}, commit `{first['git_commit']}`.", "",
+               f"Scenario `{first.scenario.get('name')}` ({first.setting}), model `{first.config['model']['name']}`, "
+               f"device {first.provenance['device']}, code {first.provenance['code_version']}.", "",
                "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         md += ["| " + " | ".join(c) + " |" for c in cells]
         png = out / f"{_slug(title)}.png"
         if plots:
-            _plot(title, [{**rec, "strategy": row["strategy"]} for rec, row in zip(records, exp_rows)], png)
+            _plot(title, [(row["strategy"], rec) for rec, row in zip(group, exp_rows)], png)
             written.append(png)
             md += ["", f"![{title}]({png.name})"]
         md.append("")
@@ -121,8 +120,8 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
                     + "</table>" + (f'<img src="{png.name}" alt="{html.escape(title)}">' if plots else ""))
         for r in exp_rows:
-            csv_rows.append({"setup_key": setup_key, **{k: r[k] for k in CSV_COLUMNS}})
-    if not rows:
+            csv_rows.append({k: json.dumps(r[k], sort_keys=True) if k == "params" else r[k] for k in CSV_COLUMNS})
+    if not records:
         md.append("No completed runs in the store yet: run `cl run experiments/quickstart.toml`.")
     (out / "README.md").write_text("\n".join(md) + "\n")
     pd.DataFrame(csv_rows).to_csv(out / "results.csv", index=False)

@@ -3,6 +3,10 @@
 Every model is a `ContinualModel`: `model(x, task_ids)` returns logits over all
 classes of the scenario. With `multi_head = true` each task has its own head
 and `task_ids` (one per sample) picks it; a single head ignores `task_ids`.
+`model(x, all_heads=True)` returns every head's logits in one pass, shape
+(N, heads, classes) (a single head: heads = 1), e.g. for distilling old heads.
+`model.multi_head` and `model.feature_dim` describe the configuration, and
+`model.features(x)` is the feature extractor alone.
 Task-incremental evaluation additionally masks logits to the experience's
 classes (see cl/evaluation.py), so both options are valid task-IL baselines.
 """
@@ -21,8 +25,10 @@ from cl.registry import register_model
 
 
 class SingleHead(nn.Linear):
-    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(features)
+    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None,
+                all_heads: bool = False) -> torch.Tensor:
+        logits = super().forward(features)
+        return logits.unsqueeze(1) if all_heads else logits
 
 
 class MultiHead(nn.Module):
@@ -37,11 +43,14 @@ class MultiHead(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)  # same scale as nn.Linear per head
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None,
+                all_heads: bool = False) -> torch.Tensor:
+        logits = F.linear(features, self.weight, self.bias).view(-1, self.n_heads, self.n_classes)
+        if all_heads:
+            return logits
         if task_ids is None:
             raise RuntimeError("a multi-head model needs task ids; use a task-incremental scenario")
-        all_heads = F.linear(features, self.weight, self.bias).view(-1, self.n_heads, self.n_classes)
-        return all_heads[torch.arange(features.shape[0], device=features.device), task_ids]
+        return logits[torch.arange(features.shape[0], device=features.device), task_ids]
 
 
 class ContinualModel(nn.Module):
@@ -53,8 +62,8 @@ class ContinualModel(nn.Module):
         self.multi_head = multi_head
         self.head = MultiHead(feature_dim, n_classes, n_heads) if multi_head else SingleHead(feature_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(x), task_ids)
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None, all_heads: bool = False) -> torch.Tensor:
+        return self.head(self.features(x), task_ids, all_heads)
 
 
 @dataclasses.dataclass
@@ -139,6 +148,6 @@ def resnet18_reduced(p: ResNetParams, input_shape: tuple[int, ...], n_classes: i
     return ContinualModel(nn.Sequential(*layers), in_planes, n_classes, n_heads, p.multi_head)
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of all parameters and buffers of the modules."""
+    return sum(t.numel() * t.element_size() for m in modules for t in list(m.parameters()) + list(m.buffers()))

@@ -1,10 +1,13 @@
 """Typed hyperparameter dataclasses: declaration, validation, description.
 
 Every registered thing (strategy, model, dataset, scenario generator) declares
-its parameters as a dataclass whose fields are made with `param(default, doc)`.
-`build_params` turns a plain dict (from a TOML file or `--set`) into an
-instance, rejecting unknown keys and wrong types with a message that lists the
-valid keys and their types.
+its parameters as a dataclass whose fields are made with `param(default, doc)`,
+or `required(doc)` for a parameter without a default (declare those first, or
+make the dataclass `kw_only`). `build_params` turns a plain dict (from a TOML
+file or `--set`) into an instance, rejecting unknown keys, missing required
+keys and wrong types with a message that lists the valid keys and their types,
+then calls the instance's `validate()` method, if it has one: raise
+`ValueError("what is wrong; how to fix it")` there for constraints between values.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ def param(default: Any, doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
+def required(doc: str) -> Any:
+    """A dataclass field that must be given (no default), with a one-line doc."""
+    return dataclasses.field(metadata={"doc": doc})
+
+
 @dataclasses.dataclass
 class NoParams:
     """For things that take no parameters."""
@@ -38,6 +46,9 @@ def type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         return f"list[{type_name(inner)}]"
+    if origin is dict:
+        _, inner = get_args(tp) or (str, Any)
+        return f"table of {type_name(inner)}"
     if tp is type(None):
         return "none"
     return getattr(tp, "__name__", str(tp))
@@ -67,6 +78,17 @@ def _check(value: Any, tp: Any) -> tuple[bool, Any]:
                 return False, value
             out.append(converted)
         return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        _, inner = get_args(tp) or (str, Any)
+        converted_table = {}
+        for key, item in value.items():
+            ok, converted = _check(item, inner)
+            if not (ok and isinstance(key, str)):
+                return False, value
+            converted_table[key] = converted
+        return True, converted_table
     if tp is type(None):
         return value is None, value
     if tp is bool:
@@ -82,8 +104,12 @@ def _check(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+
 def describe_params(cls: type) -> list[dict[str, Any]]:
-    """One dict per field: name, type, default, doc (for `cl list`)."""
+    """One dict per field: name, type, default (None when required), required, doc (for `cl list`)."""
     hints = get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
@@ -94,7 +120,7 @@ def describe_params(cls: type) -> list[dict[str, Any]]:
         else:
             default = None
         rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
-                     "doc": f.metadata.get("doc", "")})
+                     "required": _is_required(f), "doc": f.metadata.get("doc", "")})
     return rows
 
 
@@ -118,6 +144,11 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))}; {valid_keys_text(cls)}")
+    missing = [f for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+    if missing:
+        f = missing[0]
+        raise UserError(f"{where}: missing required parameter {f.name} ({type_name(hints[f.name])}: "
+                        f"{f.metadata.get('doc', '')}); add {f.name} = ... to its table")
     kwargs = {}
     for key, value in values.items():
         ok, converted = _check(value, hints[key])
@@ -138,5 +169,5 @@ def params_to_dict(instance: Any) -> dict[str, Any]:
     return dataclasses.asdict(instance) if dataclasses.is_dataclass(instance) else {}
 
 
-__all__ = ["param", "NoParams", "build_params", "describe_params", "params_to_dict", "type_name",
+__all__ = ["param", "required", "NoParams", "build_params", "describe_params", "params_to_dict", "type_name",
            "valid_keys_text"]

@@ -1,14 +1,16 @@
 """Name -> implementation registries for strategies, models, datasets and scenarios.
 
-Built-ins live in packages that are imported the first time a registry is
-asked for a name; third-party packages add entries through the entry-point
-groups `cl.strategies`, `cl.scenarios`, `cl.datasets` and `cl.models`
-(an entry point names a module or object to import; importing it registers).
+Everything registers through the entry-point groups `cl.strategies`,
+`cl.scenarios`, `cl.datasets` and `cl.models`: an entry point names a module to
+import, and importing it runs its `@register_...` decorators. The built-ins are
+declared the same way in this package's own `setup.cfg`, so the registry never
+names the packages that import it. The entry points of a group are imported the
+first time its registry is asked for a name; if one fails to import, every
+look-up fails with the same one-line error (never a partial registry).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -27,9 +29,8 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str, builtin_modules: list[str], group: str, list_command: str):
+    def __init__(self, kind: str, group: str, list_command: str):
         self.kind = kind
-        self.builtin_modules = builtin_modules
         self.group = group
         self.list_command = list_command
         self._entries: dict[str, Entry] = {}
@@ -46,9 +47,9 @@ class Registry:
             if not dataclasses.is_dataclass(p):
                 raise TypeError(f"{self.kind} {name!r}: params must be a dataclass, got {p!r}")
             existing = self._entries.get(name)
-            if existing is not None and existing.obj is not obj and existing.source != obj.__module__:
-                raise ValueError(f"{self.kind} {name!r} is registered twice "
-                                 f"({existing.source} and {obj.__module__})")
+            if existing is not None and _qualified(existing.obj) != _qualified(obj):
+                raise ValueError(f"{self.kind} {name!r} is registered twice ({_qualified(existing.obj)} and "
+                                 f"{_qualified(obj)}); give one of them another name")
             doc = inspect.getdoc(obj) or ""
             self._entries[name] = Entry(name, obj, p, doc.strip().splitlines()[0] if doc else "",
                                         obj.__module__)
@@ -61,15 +62,17 @@ class Registry:
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        for module in self.builtin_modules:
-            importlib.import_module(module)
-        for ep in entry_points(group=self.group):
+        points = entry_points(group=self.group)
+        if not points:
+            raise UserError(f"no {self.kind} is registered: entry-point group {self.group} is empty; "
+                            f"install the package (pip install -e .) rather than running it from the source tree")
+        for ep in points:
             try:
                 ep.load()
             except Exception as exc:  # say which plugin is broken instead of a traceback
                 raise UserError(f"plugin entry point {ep.name!r} ({ep.value}) in group {self.group} "
                                 f"failed to import: {exc}; fix or uninstall that package") from None
+        self._loaded = True  # only once every entry point imported
 
     def get(self, name: str) -> Entry:
         self._load()
@@ -87,10 +90,15 @@ class Registry:
         return [self._entries[n] for n in self.names()]
 
 
-STRATEGIES = Registry("strategy", ["cl.strategies"], "cl.strategies", "strategies")
-MODELS = Registry("model", ["cl.models"], "cl.models", "models")
-DATASETS = Registry("dataset", ["cl.scenarios"], "cl.datasets", "datasets")
-SCENARIOS = Registry("scenario", ["cl.scenarios"], "cl.scenarios", "scenarios")
+def _qualified(obj: Any) -> str:
+    """`module.qualname`: the same name again (a re-imported module) is not a clash."""
+    return f"{obj.__module__}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+STRATEGIES = Registry("strategy", "cl.strategies", "strategies")
+MODELS = Registry("model", "cl.models", "models")
+DATASETS = Registry("dataset", "cl.datasets", "datasets")
+SCENARIOS = Registry("scenario", "cl.scenarios", "scenarios")
 
 register_strategy = STRATEGIES.register
 register_model = MODELS.register

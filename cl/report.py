@@ -1,4 +1,8 @@
-"""Tables over stored runs: mean and spread per strategy."""
+"""Tables over stored runs: mean and spread per strategy.
+
+Rows are `RunRecord.headline()` dicts. In class-IL sections the FWT column is
+the task-IL FWT (`RunRecord.headline_fwt`), and the header says so.
+"""
 from __future__ import annotations
 
 import json
@@ -19,7 +23,7 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         values = pd.to_numeric(df[col], errors="coerce")
         out[f"{col}_mean"] = values.groupby(df["strategy"], sort=False).mean()
         out[f"{col}_std"] = values.groupby(df["strategy"], sort=False).std(ddof=1)
-    out["memory_mb"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
+    out["memory_mib"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
     compute = df["forward_samples"] + df["backward_samples"]
     out["compute_samples"] = compute.groupby(df["strategy"], sort=False).mean()
     return out.sort_values("acc_mean", ascending=False)
@@ -42,14 +46,15 @@ def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def comparison_table(rows: list[dict[str, Any]], setting: str) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the comparison, best ACC first (for text, markdown, HTML)."""
-    headers = ["strategy", "seeds"] + [h for _, h in COLUMNS] + ["memory MB", "fwd+bwd samples"]
+    names = {"fwt": "task-IL FWT" if setting == "class-il" else "FWT"}
+    headers = ["strategy", "seeds"] + [names.get(c, h) for c, h in COLUMNS] + ["memory MiB", "fwd+bwd samples"]
     cells = []
     for name, r in comparison_frame(rows).iterrows():
         row = [str(name), str(int(r["seeds"]))]
         row += [mean_std(r[f"{c}_mean"], r[f"{c}_std"], 1 if c == "wall_seconds" else 3) for c, _ in COLUMNS]
-        row += [f"{r['memory_mb']:.2f}", count(r["compute_samples"])]
+        row += [f"{r['memory_mib']:.2f}", count(r["compute_samples"])]
         cells.append(row)
     return headers, cells
 
@@ -62,9 +67,9 @@ def count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_comparison(rows: list[dict[str, Any]]) -> str:
+def format_comparison(rows: list[dict[str, Any]], setting: str) -> str:
     """The comparison as an aligned plain-text table (printed by `cl run`)."""
-    headers, lines = comparison_table(rows)
+    headers, lines = comparison_table(rows, setting)
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])

@@ -1,31 +1,30 @@
-"""The runner: experiment config -> scenario -> strategy.fit / evaluator -> store record."""
+"""The runner: experiment config -> scenario -> strategy.fit / evaluator -> run record -> store."""
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import importlib.metadata
-import platform
+import hashlib
+import json
 import re
-import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import cl
 from cl.config import Component, ExperimentConfig
 from cl.data import LabelledData, Scenario
 from cl.errors import RunError, UserError
 from cl.evaluation import Evaluator
-from cl.metrics import accuracy, compute_metrics
-from cl.models import model_bytes
+from cl.metrics import compute_metrics
 from cl.params import params_to_dict
+from cl.provenance import code_version, provenance
+from cl.record import Budgets, Metrics, RunRecord
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
-from cl.store import ResultStore, run_key, setup_key
-from cl.strategy import Strategy
+from cl.store import ResultStore
+from cl.strategy import ModelSpec, Strategy, StrategyContext
+from cl.transforms import InputPipeline, channel_statistics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,67 +53,55 @@ def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed:
     return generator(datasets, config.scenario.params, seed)
 
 
-def build_strategy(component: Component, config: ExperimentConfig, scenario: Scenario,
-                   device: torch.device, seed: int) -> Strategy:
-    """Model and strategy, initialised from `seed` (on the CPU, so any device gets the same weights)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    model_entry = MODELS.get(config.model.name)
-    model = model_entry.obj(config.model.params, scenario.input_shape, scenario.n_classes, scenario.n_tasks)
+def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.device) -> InputPipeline:
+    """The experiment's `[transforms]` for this scenario's data; normalisation statistics, when not
+    given, come from the stored training inputs (each distinct tensor once)."""
+    p = config.transforms
+    mean, std = p.mean, p.std
+    if p.normalize and not mean:
+        stored = {id(e.x): e.x for e in scenario.train}
+        mean, std = channel_statistics(torch.cat([x.cpu() for x in stored.values()]))
+    try:
+        return InputPipeline(p, scenario.input_shape, device, mean, std)
+    except ValueError as exc:
+        raise UserError(f"[transforms]: {exc}") from None
+
+
+def check_compatibility(config: ExperimentConfig, scenario: Scenario) -> None:
+    """Refuse, before anything trains, a strategy or model that cannot run on this scenario."""
     if getattr(config.model.params, "multi_head", False) and not scenario.task_labels_at_test:
         raise UserError(f"model.multi_head = true needs task ids at test time, but scenario "
                         f"{config.scenario.name!r} is {scenario.setting}; set scenario.task_labels = true")
-    strategy_cls = STRATEGIES.get(component.name).obj
-    return strategy_cls(model.to(device), component.params, config.training, scenario, device, seed)
+    stream = scenario.stream_info(scenario.input_shape)
+    for component in config.strategies:
+        problem = STRATEGIES.get(component.name).obj.incompatibility(stream, config.model.name)
+        if problem is not None:
+            raise UserError(problem)
 
 
-@functools.cache
-def git_commit() -> str | None:
-    root = Path(cl.__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+def build_strategy(component: Component, config: ExperimentConfig, scenario: Scenario, device: torch.device,
+                   seed: int, pipeline: InputPipeline | None = None) -> Strategy:
+    """The strategy, its model initialised from the run's seed (built on the CPU, so any device gets the
+    same weights). It receives a description of the stream, never the scenario's samples."""
+    check_compatibility(config, scenario)
+    pipeline = pipeline or input_pipeline(config, scenario, device)
+    stream = scenario.stream_info(pipeline.output_shape)
+    build = functools.partial(MODELS.get(config.model.name).obj, config.model.params, stream.input_shape,
+                              stream.n_classes, stream.n_tasks)
+    context = StrategyContext(stream, config.training, ModelSpec(config.model.name, config.model.params, build),
+                              pipeline, device, seed)
+    return STRATEGIES.get(component.name).obj(component.params, context)
 
 
-VERSIONED_PACKAGES = ("torchvision", "numpy", "scikit-learn", "mlxtend", "mnist1d")
+def _key(parts: Any, length: int = 64) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of Python, cl and every package whose code shapes the data or the training."""
-    out: dict[str, str | None] = {"cl": cl.__version__, "python": platform.python_version(),
-                                  "platform": platform.platform(),
-                                  "torch": torch.__version__}  # includes the build, e.g. +cpu or +cu130
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _all_finite(model: torch.nn.Module) -> bool:
-    """Weights and float buffers (e.g. batch-norm statistics) are all finite: one device sync."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, seed: int,
-            device: torch.device, progress: bool = True) -> dict[str, Any]:
-    """Train one strategy on one scenario and return the complete run record."""
+def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, seed: int, device: torch.device,
+            progress: bool = True, pipeline: InputPipeline | None = None) -> RunRecord:
+    """Train one strategy on one scenario and return its complete record."""
     start = time.perf_counter()
-    strategy = build_strategy(component, config, scenario, device, seed)
+    strategy = build_strategy(component, config, scenario, device, seed, pipeline)
     evaluator = Evaluator(scenario, config.training.eval_batch_size)
     eval_seconds = 0.0
 
@@ -133,7 +120,7 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
             strategy.progress = bar
             strategy.fit(exp)
             strategy.progress = None
-        if not _all_finite(strategy.model):
+        if not strategy.all_finite():
             raise RunError(f"{component.label} (seed {seed}): the loss became NaN/inf during experience {i + 1} "
                            f"and the weights are no longer finite; lower training.lr (now {config.training.lr})")
         evaluator.mark_trained(i)
@@ -141,37 +128,32 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
             evaluate(i + 1)
     wall = time.perf_counter() - start
 
-    metrics = compute_metrics(evaluator.matrix)
     task_il = evaluator.task_il_matrix
-    if scenario.setting == "task-il":
-        metrics["task_il_acc"] = metrics["acc"]
-    else:
-        metrics["task_il_acc"] = accuracy(task_il) if task_il is not None else None
-    if task_il is not None:
-        metrics["task_il"] = compute_metrics(task_il)
     params = params_to_dict(component.params)
-    # The device is part of a run's identity: CPU and CUDA generators draw different streams.
-    setup = {**config.setup_identity(), "device": device.type}
-    return {
-        "run_key": run_key(config.name, component.label, {"name": component.name, **params}, seed, setup),
-        "setup_key": setup_key(setup),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "experiment": config.name, "strategy": component.label, "strategy_name": component.name,
-        "params": params, "seed": seed, "status": "completed",
-        "setting": scenario.setting,
-        "metrics": metrics,
-        "matrix": _jsonable(evaluator.matrix),
-        "task_il_matrix": _jsonable(task_il) if task_il is not None else None,
-        "budgets": {"wall_seconds": wall, "eval_seconds": eval_seconds, "train_seconds": wall - eval_seconds,
-                    "memory_bytes": strategy.memory_bytes(), "model_bytes": model_bytes(strategy.model),
-                    "forward_samples": strategy.compute.forward_samples,
-                    "backward_samples": strategy.compute.backward_samples,
-                    "eval_forward_samples": evaluator.eval_forward_samples},
-        "scenario": scenario.description,
-        "config": {**config.setup(), "strategy": {"name": component.name, "label": component.label, **params},
-                   "experiment_file": config.source, "description": config.description},
-        "versions": versions(), "device": device_name(device), "git_commit": git_commit(),
-    }
+    origin = provenance(device, type(strategy).__module__)
+    # A run's identity: the device type (CPU and CUDA generators draw different streams) and the code.
+    setup = {**config.setup_identity(), "device": device.type, "code_version": code_version()}
+    compute = strategy.compute
+    return RunRecord(
+        run_key=_key([config.name, component.label, {"name": component.name, **params}, seed, setup,
+                      origin["strategy_package"]]),
+        setup_key=_key(setup, 16),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        experiment=config.name, strategy=component.label, strategy_name=component.name, params=params, seed=seed,
+        status="completed", setting=scenario.setting,
+        matrix=_jsonable(evaluator.matrix), task_il_matrix=_jsonable(task_il) if task_il is not None else None,
+        metrics=Metrics(**compute_metrics(evaluator.matrix)),
+        task_il_metrics=Metrics(**compute_metrics(task_il)) if task_il is not None else None,
+        budgets=Budgets(wall_seconds=wall, train_seconds=wall - eval_seconds, eval_seconds=eval_seconds,
+                        memory_bytes=strategy.memory_bytes(), model_bytes=strategy.model_bytes(),
+                        forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
+                        eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes()),
+        logs=strategy.logs.as_lists(T),
+        scenario=scenario.description,
+        config={**config.setup(), "strategy": {"name": component.name, "label": component.label, **params},
+                "experiment_file": config.source, "description": config.description},
+        provenance=origin,
+    )
 
 
 def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
@@ -179,19 +161,21 @@ def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.device, progress: bool = True,
-                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                   log: Callable[[str], None] = print) -> list[RunRecord]:
     """Run every (seed, strategy) of the experiment; each finished run is stored at once."""
     datasets = load_datasets(config.datasets)
     records = []
     for seed in config.seeds:
         scenario = build_scenario(config, datasets, seed).to(device)
+        check_compatibility(config, scenario)  # before the first run trains
+        pipeline = input_pipeline(config, scenario, device)
         for component in config.strategies:
-            record = run_one(config, component, scenario, seed, device, progress)
-            record["id"] = store.write(record)
+            record = run_one(config, component, scenario, seed, device, progress, pipeline)
+            record.id = store.write(record)
             records.append(record)
-            m = record["metrics"]
-            log(f"run {record['id']}: {component.label:<12} seed {seed}  ACC {_fmt(m['acc'])}"
-                f"  BWT {_fmt(m['bwt'])}  {record['budgets']['wall_seconds']:.1f}s")
+            m = record.metrics
+            log(f"run {record.id}: {component.label:<12} seed {seed}  ACC {_fmt(m.acc)}"
+                f"  BWT {_fmt(m.bwt)}  {record.budgets.wall_seconds:.1f}s")
     return records
 
 

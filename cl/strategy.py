@@ -1,155 +1,265 @@
 """The strategy plugin API.
 
-A strategy owns the model, the optimizer and whatever it keeps between
-experiences (buffers, old models, importances). The runner calls
-`fit(experience)` for each training experience and the evaluator calls
-`predict(x, task_ids)`. The default update of one batch is
+A strategy owns its model(s), the optimizer and whatever it keeps between
+experiences (buffers, old models, importances). It sees a `StreamInfo` (sizes
+and setting of the stream) and, while training, the current training
+`Experience`; never the test stream. The runner calls `fit(experience)` for
+each training experience and the evaluator calls `predict(x, task_ids)`.
 
-    zero_grad -> loss = self.loss(batch) -> backward -> self.adjust_gradients(batch) -> step
+Lifecycle of a run:
 
-so most strategies override one or two hooks:
+    construction   build_model() -> setup()         (weights drawn from the run's init stream)
+    each experience fit(exp):
+        optimizer built (first experience, or every one with optimizer_policy = "reset")
+        trainable modules set to train mode
+        begin_experience(exp)
+        train_experience(exp)       default: `epochs` passes of shuffled batches, each a train_step:
+            zero_grad -> out = loss(batch) -> out.loss.backward()
+            -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
+            -> after_step(batch, out) -> out.terms logged
+        end_experience(exp)         still in train mode; runs before the evaluation
+    then the runner checks the trainable state is finite and evaluates
+    (eval mode, `torch.inference_mode`, `predict` on `prepare(inputs, train=False)`).
 
+Hooks to override (all optional):
+
+    build_model()              the network to train (default: the configured backbone)
+    setup()                    create buffers and other state, after build_model
+    trainable_modules()        {name: module} trained, checked for NaN, counted in model_bytes,
+                               checkpointed (default {"model": self.model})
     begin_experience(exp)      before training on an experience
-    loss(batch)                the training objective (default: cross-entropy)
-    adjust_gradients(batch)    read / rewrite .grad between backward and step (GEM, A-GEM)
-    end_experience(exp)        after training (fill buffers, snapshot the model)
-    predict(x, task_ids)       logits used for evaluation (iCaRL's nearest-mean, task inference)
-    memory_bytes()             what the strategy keeps beyond the model
-    extra_state() / load_extra_state(state)   buffers etc. for checkpoints
+    train_experience(exp)      what to train on (default: the experience itself)
+    loss(batch)                the objective: a scalar tensor, or a StepOutput with the
+                               logits, sampled buffer indices and named loss terms
+    adjust_gradients(batch, out)  read / rewrite .grad between backward and step (GEM, A-GEM)
+    after_step(batch, out)     after the optimizer step (fill buffers, SI's path integral)
+    end_experience(exp)        after training (snapshot the model, rebalance buffers)
+    predict(x, task_ids)       evaluation logits (iCaRL's nearest mean, task inference)
 
-Hyperparameters are a dataclass assigned to the class attribute `Params`;
-register the class with `@register_strategy("name")`.
+Class attributes: `Params` (a parameter dataclass), `kept` (names of the
+attributes that hold what the strategy keeps: they make `memory_bytes()` and
+are saved by `state_dict()`), `supported_settings`, `supported_models`,
+`joint_training`. Register the class with `@register_strategy("name")`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
-from typing import Any, Iterator, Literal, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.data import Experience, Scenario
-from cl.params import NoParams, param
+from cl.errors import UserError
+from cl.data import SETTINGS, Experience, Samples, StreamInfo, tensor_bytes
+from cl.models import module_bytes
+from cl.params import NoParams
+from cl.seeding import RUN_STREAMS, spawn_seeds
+from cl.training import (ComputeCount, ExperienceLog, TrainingParams, all_finite, make_optimizer,
+                         parameter_groups)
+from cl.transforms import InputPipeline
 
 
 class Batch(NamedTuple):
-    x: torch.Tensor
-    y: torch.Tensor
+    x: torch.Tensor  # model inputs: the input pipeline applied (augmented in training)
+    y: torch.Tensor  # labels
     t: torch.Tensor  # task id of each sample
+    raw: torch.Tensor  # the same samples as stored (uint8 images): what a buffer keeps; prepare(raw) -> x
 
 
 @dataclasses.dataclass
-class TrainingParams:
-    """How each experience is trained (the `[training]` table of an experiment)."""
+class StepOutput:
+    """What `loss` computed, passed on to `adjust_gradients` and `after_step`."""
 
-    epochs: int = param(1, "passes over each experience")
-    batch_size: int = param(10, "samples per step from the current experience")
-    optimizer: Literal["sgd", "adam"] = param("sgd", "optimizer")
-    lr: float = param(0.01, "learning rate")
-    momentum: float = param(0.0, "SGD momentum")
-    weight_decay: float = param(0.0, "L2 penalty")
-    eval_batch_size: int = param(2000, "samples per forward pass during evaluation")
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None  # logits of the stream batch (its len(batch.y) rows)
+    index: torch.Tensor | None = None  # buffer slots sampled in this step
+    terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # logged as per-experience means
 
 
 @dataclasses.dataclass
-class ComputeCount:
-    """Hardware-independent compute: samples through forward and backward passes."""
+class ModelSpec:
+    """The configured backbone: its registered name, parameters, and a builder."""
 
-    forward_samples: int = 0
-    backward_samples: int = 0
+    name: str
+    params: Any
+    build: Callable[[], nn.Module]
+
+    @property
+    def multi_head(self) -> bool:
+        return bool(getattr(self.params, "multi_head", False))
+
+
+@dataclasses.dataclass
+class StrategyContext:
+    """Everything the runner hands a strategy: no samples of any stream."""
+
+    stream: StreamInfo
+    training: TrainingParams
+    model: ModelSpec
+    pipeline: InputPipeline
+    device: torch.device
+    seed: int  # the run's seed; weight init and the strategy's draws use independent streams of it
 
 
 class Strategy:
-    """Base class: plain fine-tuning. Subclasses override hooks (see module doc)."""
+    """Base class: plain fine-tuning. Subclasses override hooks (see the module doc)."""
 
     Params: type = NoParams
+    #: Attributes holding what the strategy keeps between experiences: tensors, lists or dicts
+    #: of tensors, numbers, or objects with state_dict()/load_state_dict() (buffers, modules).
+    kept: tuple[str, ...] = ()
+    supported_settings: tuple[str, ...] = SETTINGS
+    #: Registered model names the strategy works with; None = any.
+    supported_models: tuple[str, ...] | None = None
     #: True for strategies that must see the whole stream before training (joint):
     #: the runner then evaluates only before training and after the last experience.
     joint_training: bool = False
 
-    def __init__(self, model: nn.Module, params: Any, training: TrainingParams, scenario: Scenario,
-                 device: torch.device, seed: int):
-        self.model = model
+    def __init__(self, params: Any, context: StrategyContext):
         self.params = params
-        self.training = training
-        self.n_experiences = scenario.n_experiences
-        self.n_classes = scenario.n_classes
-        self.setting = scenario.setting
-        self.device = device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.optimizer = self.make_optimizer()
+        self.context = context
+        self.stream = context.stream
+        self.training = context.training
+        self.device = context.device
+        init_seed, strategy_seed = spawn_seeds(context.seed, 2, RUN_STREAMS)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(strategy_seed)
         self.compute = ComputeCount()
+        self.logs = ExperienceLog()
+        self.experience: Experience | None = None  # the experience being trained
+        self.optimizer: torch.optim.Optimizer | None = None
         self.progress: Any = None  # set by the runner: an object with update(n)
+        # Weights come from their own stream; the global generators are left as they were.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(init_seed)
+            self.model = self.build_model()
+            self.setup()
+        for module in self.trainable_modules().values():
+            module.to(self.device)
+            self.compute.attach(module)
+        try:
+            self._param_groups = parameter_groups(list(self.named_trainable_parameters()), self.training)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self._task_classes: torch.Tensor | None = None  # (tasks, classes) mask for task-IL training
+        if self.stream.setting == "task-il" and self.training.task_il_mask:
+            self._task_classes = torch.zeros(self.stream.n_tasks, self.stream.n_classes, dtype=torch.bool,
+                                             device=self.device)
 
-    # ----- construction -------------------------------------------------
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        tr = self.training
-        if tr.optimizer == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
-        return torch.optim.SGD(self.model.parameters(), lr=tr.lr, momentum=tr.momentum,
-                               weight_decay=tr.weight_decay)
+    @classmethod
+    def incompatibility(cls, stream: StreamInfo, model_name: str) -> str | None:
+        """Why this strategy cannot run on this stream and model (None when it can)."""
+        name = getattr(cls, "registered_name", cls.__name__)
+        if stream.setting not in cls.supported_settings:
+            return (f"strategy {name!r} supports {', '.join(cls.supported_settings)} scenarios, but this one is "
+                    f"{stream.setting}; choose another scenario or strategy")
+        if cls.supported_models is not None and model_name not in cls.supported_models:
+            return (f"strategy {name!r} works with models {', '.join(cls.supported_models)}, not {model_name!r}; "
+                    f"change [model] name")
+        return None
 
-    # ----- the training loop ------------------------------------------------
+    # ----- what the strategy trains ------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """The network to train; default: the experiment's backbone (`[model]`)."""
+        return self.context.model.build()
+
+    def setup(self) -> None:
+        """Create buffers and other state (called once, after build_model)."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of the trainable modules; those of "model" keep their own names, others get "<name>."."""
+        for key, module in self.trainable_modules().items():
+            prefix = "" if key == "model" else f"{key}."
+            for name, p in module.named_parameters():
+                yield prefix + name, p
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.trainable_modules().values():
+            module.train(mode)
+
+    # ----- the training loop ------------------------------------------------------
     def fit(self, exp: Experience) -> None:
+        self.experience = exp
+        if self._task_classes is not None:
+            self._task_classes[exp.task_id, exp.classes] = True
+        if self.optimizer is None or self.training.optimizer_policy == "reset":
+            self.optimizer = make_optimizer([dict(g) for g in self._param_groups], self.training)
+        self.train()
         self.begin_experience(exp)
         self.train_experience(exp)
         self.end_experience(exp)
+        self.logs.end_experience(exp.id)
 
     def train_experience(self, exp: Experience) -> None:
-        self.train_on(exp.x, exp.y, torch.full_like(exp.y, exp.task_id))
+        self.train_on(exp)
 
-    def train_on(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        """`epochs` passes of shuffled mini-batches over (x, y, t)."""
-        self.model.train()
+    def train_on(self, data: Experience | Samples) -> None:
+        """`epochs` passes of shuffled mini-batches over `data` (an experience or materialised samples)."""
         for _ in range(self.training.epochs):
-            for batch in self.batches(x, y, t):
+            for batch in self.batches(data):
                 self.train_step(batch)
                 if self.progress is not None:
                     self.progress.update(1)
 
-    def batches(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> Iterator[Batch]:
-        order = torch.randperm(len(y), generator=self.generator, device=self.device)
+    def batches(self, data: Experience | Samples) -> Iterator[Batch]:
+        order = torch.randperm(len(data), generator=self.generator, device=self.device)
         for idx in order.split(self.training.batch_size):
-            yield Batch(x[idx], y[idx], t[idx])
+            raw = data.inputs(idx)
+            yield Batch(self.prepare(raw), data.y[idx], data.task_ids(idx), raw)
 
     def steps_per_experience(self, exp: Experience) -> int:
         """Number of train_step calls `fit(exp)` makes (for progress bars)."""
         return self.training.epochs * -(-len(exp) // self.training.batch_size)
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
+    def train_step(self, batch: Batch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        loss.backward()
-        self.adjust_gradients(batch)
+        out = self.loss(batch)
+        if isinstance(out, torch.Tensor):
+            out = StepOutput(out)
+        out.loss.backward()
+        self.adjust_gradients(batch, out)
+        if self.training.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                     self.training.grad_clip_norm)
         self.optimizer.step()
-        return loss
+        self.after_step(batch, out)
+        for name, value in out.terms.items():
+            self.logs.add(name, value)
+        return out
+
+    def prepare(self, raw: torch.Tensor, train: bool = True) -> torch.Tensor:
+        """Stored inputs (a batch's `raw`, buffer samples) -> model inputs, augmented when `train`."""
+        return self.context.pipeline(raw, train, self.generator)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's logits; counts samples toward the compute budget."""
-        n = x.shape[0]
-        self.compute.forward_samples += n
-        if torch.is_grad_enabled():
-            self.compute.backward_samples += n
-        return self.model(x, t)
+        """Training logits of `self.model`. In task-IL scenarios (with `training.task_il_mask`, the
+        default) the logits of classes outside each sample's task are set to the dtype's minimum."""
+        logits = self.model(x, t)
+        if self._task_classes is not None and t is not None:
+            logits = logits.masked_fill(~self._task_classes[t], torch.finfo(logits.dtype).min)
+        return logits
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a named scalar; the run stores its mean over each experience."""
+        self.logs.add(name, value)
 
     # ----- hooks ------------------------------------------------------------
     def begin_experience(self, exp: Experience) -> None:
         pass
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
+    def loss(self, batch: Batch) -> torch.Tensor | StepOutput:
+        logits = self.forward(batch.x, batch.t)
+        return StepOutput(F.cross_entropy(logits, batch.y), logits=logits)
 
-    def adjust_gradients(self, batch: Batch) -> None:
+    def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
+        pass
+
+    def after_step(self, batch: Batch, out: StepOutput) -> None:
         pass
 
     def end_experience(self, exp: Experience) -> None:
@@ -158,28 +268,77 @@ class Strategy:
     def predict(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         return self.model(x, task_ids)
 
+    # ----- evaluation, budgets and checks ------------------------------------------
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Eval mode and evaluation compute counting inside the block; training mode restored after."""
+        modes = {name: m.training for name, m in self.trainable_modules().items()}
+        self.train(False)
+        try:
+            with self.compute.evaluation():
+                yield
+        finally:
+            for name, m in self.trainable_modules().items():
+                m.train(modes[name])
+
+    def all_finite(self) -> bool:
+        """Every trainable parameter and float buffer is finite (one device synchronisation)."""
+        return all_finite(list(self.trainable_modules().values()))
+
+    def model_bytes(self) -> int:
+        return module_bytes(*self.trainable_modules().values())
+
     def memory_bytes(self) -> int:
-        return 0
+        """Bytes of what the strategy keeps beyond its trainable modules (the `kept` attributes)."""
+        return sum(_bytes_of(getattr(self, name)) for name in self.kept)
 
     # ----- state ------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "compute": dataclasses.asdict(self.compute),
-                "extra": self.extra_state()}
+        """Everything needed to continue bit for bit; like PyTorch's, it holds references (torch.save it)."""
+        return {"modules": {name: m.state_dict() for name, m in self.trainable_modules().items()},
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "compute": self.compute.state_dict(),
+                "logs": self.logs.state_dict(), "kept": {name: _pack(getattr(self, name)) for name in self.kept}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, module in self.trainable_modules().items():
+            module.load_state_dict(state["modules"][name])
+        if state["optimizer"] is not None:
+            self.optimizer = make_optimizer([dict(g) for g in self._param_groups], self.training)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.compute = ComputeCount(**state["compute"])
-        self.load_extra_state(state["extra"])
+        self.compute.load_state_dict(state["compute"])
+        self.logs.load_state_dict(state["logs"])
+        for name in self.kept:
+            current, saved = getattr(self, name), state["kept"][name]
+            if isinstance(saved, dict) and _STATE in saved:
+                if not hasattr(current, "load_state_dict"):
+                    raise ValueError(f"kept attribute {name!r} was saved from an object with a state_dict, but is "
+                                     f"{type(current).__name__} now; create it in setup()")
+                current.load_state_dict(saved[_STATE])
+            else:
+                setattr(self, name, saved)
 
 
-def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+_STATE = "__state_dict__"
+
+
+def _pack(value: Any) -> Any:
+    """A kept attribute as checkpoint data: objects with state_dict() become their state."""
+    if hasattr(value, "state_dict"):
+        return {_STATE: value.state_dict()}
+    return value
+
+
+def _bytes_of(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return tensor_bytes(value)
+    if isinstance(value, nn.Module):
+        return module_bytes(value)
+    if hasattr(value, "memory_bytes"):
+        return value.memory_bytes()
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes_of(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_bytes_of(v) for v in value.values())
+    return 0

@@ -1,2 +1,1 @@
-"""Datasets and scenario generators; importing this package registers them."""
-from cl.scenarios import datasets, generators  # noqa: F401  (registers built-ins)
+"""Dataset loaders and scenario generators; each module registers through an entry point in setup.cfg."""

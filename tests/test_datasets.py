@@ -54,12 +54,14 @@ def write_cifar_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_ke
         pickle.dump(batch, f)
 
 
-def check_images(data, n_train: int, n_test: int, shape: tuple[int, ...]) -> None:
+def check_images(data, n_train: int, n_test: int, shape: tuple[int, ...], dtype=torch.uint8) -> None:
+    """Shapes and dtypes: images are uint8 (0..255, 4x smaller than float32 on the device)."""
     assert data.x_train.shape == (n_train, *shape) and data.x_test.shape == (n_test, *shape)
-    assert data.x_train.dtype == torch.float32 and data.x_test.dtype == torch.float32
+    assert data.x_train.dtype == dtype and data.x_test.dtype == dtype
     assert data.y_train.dtype == torch.int64 and data.y_test.dtype == torch.int64
-    for x in (data.x_train, data.x_test):
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    if dtype == torch.float32:
+        for x in (data.x_train, data.x_test):
+            assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
 # ---------------------------------------------------------------- IDX: fashion_mnist, mnist
@@ -73,9 +75,9 @@ def test_fashion_mnist_reads_idx_files_exactly(tmp_path: Path, gz: bool) -> None
     assert data.name == "fashion_mnist" and data.n_classes == 10
     for split in ("train", "test"):
         x = getattr(data, f"x_{split}")
-        assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), torch.from_numpy(arrays[f"x_{split}"]))
+        assert torch.equal(x[:, 0], torch.from_numpy(arrays[f"x_{split}"]))
         assert getattr(data, f"y_{split}").tolist() == arrays[f"y_{split}"].tolist()
-    assert float(data.x_train[0, 0, 0, 0]) == 0.0 and float(data.x_train[0, 0, 0, 1]) == 1.0
+    assert int(data.x_train[0, 0, 0, 0]) == 0 and int(data.x_train[0, 0, 0, 1]) == 255
     assert data.description["source"] == str(tmp_path)
     assert data.description["files"]["x_train"].endswith("train-images-idx3-ubyte" + (".gz" if gz else ""))
 
@@ -156,7 +158,7 @@ def test_fashion_mnist_real_files() -> None:
     check_images(data, 60000, 10000, (1, 28, 28))
     assert torch.bincount(data.y_train).tolist() == [6000] * 10
     assert torch.bincount(data.y_test).tolist() == [1000] * 10
-    assert float(data.x_train.max()) == 1.0
+    assert int(data.x_train.max()) == 255
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -183,8 +185,8 @@ def test_cifar10_reads_published_python_batches(tmp_path: Path) -> None:
     assert data.y_train.tolist() == y_train.tolist() and data.y_test.tolist() == y_test.tolist()
     # Row layout: 1024 red, 1024 green, 1024 blue, each 32x32 row-major.
     c, h, w = 2, 5, 17
-    assert round(float(data.x_train[4, c, h, w]) * 255) == x_train[4, c * 1024 + h * 32 + w]
-    assert torch.equal((data.x_test * 255).round().to(torch.uint8).reshape(3, 3072), torch.from_numpy(x_test))
+    assert int(data.x_train[4, c, h, w]) == x_train[4, c * 1024 + h * 32 + w]
+    assert torch.equal(data.x_test.reshape(3, 3072), torch.from_numpy(x_test))
 
 
 def test_cifar10_accepts_the_batches_folder_itself(tmp_path: Path) -> None:
@@ -228,7 +230,7 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     check_images(data, 4, 2, (3, 32, 32))
     assert data.n_classes == 100
     assert data.y_train.tolist() == [0, 99, 57, 3] and data.y_test.tolist() == [98, 1]
-    assert torch.equal((data.x_train * 255).round().to(torch.uint8).reshape(4, 3072), torch.from_numpy(x_train))
+    assert torch.equal(data.x_train.reshape(4, 3072), torch.from_numpy(x_train))
 
 
 def test_cifar100_missing_names_the_path(tmp_path: Path) -> None:
@@ -253,7 +255,7 @@ def test_mnist5k_stratified_split_is_deterministic(monkeypatch: pytest.MonkeyPat
     assert torch.bincount(a.y_train).tolist() == [400] * 10
     assert torch.bincount(a.y_test).tolist() == [100] * 10
     assert not torch.equal(a.y_train, a.y_train.sort().values)  # shuffled, not class-sorted
-    assert float(a.x_train.max()) == 1.0
+    assert int(a.x_train.max()) == 255
     b = ds.mnist5k(ds.SplitParams())
     for key in ("x_train", "y_train", "x_test", "y_test"):
         assert torch.equal(getattr(a, key), getattr(b, key))
@@ -261,7 +263,7 @@ def test_mnist5k_stratified_split_is_deterministic(monkeypatch: pytest.MonkeyPat
 
 def test_digits_stratified_split() -> None:
     data = ds.digits(ds.SplitParams())
-    check_images(data, 1437, 360, (1, 8, 8))
+    check_images(data, 1437, 360, (1, 8, 8), dtype=torch.float32)  # 0..16 scaled to [0, 1]
     assert float(data.x_train.max()) == 1.0
     total = torch.bincount(data.y_train, minlength=10) + torch.bincount(data.y_test, minlength=10)
     expected = total.double() * 0.2

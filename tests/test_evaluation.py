@@ -1,10 +1,13 @@
 """The evaluator on a hand-made scenario with a strategy whose predictions are fixed."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from cl.data import Experience, Scenario
 from cl.evaluation import Evaluator
+from cl.transforms import Permutation
 from tests.helpers import DEVICES
 
 
@@ -15,6 +18,18 @@ class FixedLogits:
         self.table = torch.tensor(table, dtype=torch.float, device=device)
         self.model = torch.nn.Linear(1, 1)
         self.seen_task_ids = []
+        self.prepared = []
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        was = self.model.training
+        self.model.eval()
+        yield
+        self.model.train(was)
+
+    def prepare(self, raw, train=True):
+        self.prepared.append(train)
+        return raw
 
     def predict(self, x, task_ids):
         self.seen_task_ids.append(task_ids)
@@ -64,7 +79,7 @@ def test_class_il_masks_unseen_classes_and_task_il_masks_to_experience(device):
     ev.evaluate_row(2, strat)  # all classes seen: same as row 0
     assert ev.matrix[2].tolist() == [0.25, 0.5]
     assert all(t is None for t in strat.seen_task_ids)  # class-IL: no task id at test
-    assert ev.eval_forward_samples == 3 * 8
+    assert strat.prepared == [False] * 12  # 3 rows x 2 experiences x 2 batches, never augmented
 
 
 def test_task_il_passes_task_ids_and_masks():
@@ -100,3 +115,17 @@ def test_restores_training_mode():
 def test_matrix_shape(setting):
     ev = Evaluator(scenario(setting), 10)
     assert ev.matrix.shape == (3, 2)
+
+
+def test_sample_transforms_of_test_experiences_are_applied():
+    # The table row is read from x[:, 0]; a permutation that swaps the two features of each sample
+    # makes the evaluator read x[:, 1] instead: 8 + (row index) -> the last 8 rows of the table.
+    table = TABLE + [[9, 0, 0, 0]] * 4 + [[0, 0, 9, 0]] * 4
+    s = scenario("domain-il")
+    for exp in s.test:
+        exp.x = torch.cat([exp.x, exp.x + 8], dim=1)
+        exp.transform = Permutation(torch.tensor([1, 0]))
+    ev = Evaluator(s, batch_size=100)
+    ev.evaluate_row(0, FixedLogits(table))
+    # exp 1 (y 0, 1, 1, 0) predicted 0 everywhere -> 2/4; exp 2 (y 2, 3, 2, 3) predicted 2 -> 2/4
+    assert ev.matrix[0].tolist() == [0.5, 0.5]

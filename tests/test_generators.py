@@ -181,23 +181,26 @@ def test_permuted_same_permutation_for_train_and_test_and_across_calls():
     for tr, te in zip(s.train, s.test):
         # recover the permutation from train: output position j holds input position perm[j]
         # (inputs are random floats, so each column of the dataset is unique)
-        out = tr.x.flatten(1)
+        out = tr.inputs().flatten(1)
         perm = torch.tensor([int((flat_tr == out[:, j:j + 1]).all(0).nonzero()) for j in range(24)])
         assert sorted(perm.tolist()) == list(range(24)) and perm.tolist() != list(range(24))
-        assert torch.equal(te.x.flatten(1), flat_te[:, perm])  # same permutation on test
+        assert torch.equal(te.inputs().flatten(1), flat_te[:, perm])  # same permutation on test
+        assert tr.x is d.x_train and te.x is d.x_test  # all samples: the dataset itself, not a copy
         assert torch.equal(tr.y, d.y_train) and torch.equal(te.y, d.y_test)
         perms.append(perm)
     assert not torch.equal(perms[0], perms[1])  # one permutation per experience
     for a, b in zip(s.train + s.test, again.train + again.test):
-        assert torch.equal(a.x, b.x)
-    assert not torch.equal(s.train[0].x, other.train[0].x)
+        assert torch.equal(a.inputs(), b.inputs())
+    assert not torch.equal(s.train[0].inputs(), other.train[0].inputs())
+    batch = torch.tensor([3, 0, 7])
+    assert torch.equal(s.train[1].inputs(batch), s.train[1].inputs()[batch])  # a batch reads the same
 
 
 def test_permuted_fraction_zero_is_identity():
     d = toy()
     s = g.permuted([d], g.PermutedParams(n_experiences=2, fraction=0.0), 0)
     for tr, te in zip(s.train, s.test):
-        assert torch.equal(tr.x, d.x_train) and torch.equal(te.x, d.x_test)
+        assert torch.equal(tr.inputs(), d.x_train) and torch.equal(te.inputs(), d.x_test)
     assert s.description["n_permuted_positions"] == 0
 
 
@@ -213,7 +216,7 @@ def test_permuted_half_fraction_moves_about_half():
     assert len(g._partial_permutation(7, 0.5, gen)[1]) == round(3.5)  # Python round: 4
     d = toy(shape=(1, 10, 10))
     s = g.permuted([d], g.PermutedParams(n_experiences=1, fraction=0.5), 0)
-    changed = (s.train[0].x.flatten(1) != d.x_train.flatten(1)).any(0).sum()
+    changed = (s.train[0].inputs().flatten(1) != d.x_train.flatten(1)).any(0).sum()
     assert 40 <= int(changed) <= 50 and s.description["n_permuted_positions"] == 50
 
 
@@ -258,8 +261,8 @@ def test_rotated_90_degrees_matches_rot90_on_train_and_test():
     s = g.rotated([d], g.RotatedParams(n_experiences=2, min_angle=90.0, max_angle=90.0), 0)
     assert s.description["angles"] == [90.0, 90.0]
     for tr, te in zip(s.train, s.test):
-        assert torch.allclose(tr.x, torch.rot90(d.x_train, 1, dims=(-2, -1)), atol=1e-5)
-        assert torch.allclose(te.x, torch.rot90(d.x_test, 1, dims=(-2, -1)), atol=1e-5)
+        assert torch.allclose(tr.inputs(), torch.rot90(d.x_train, 1, dims=(-2, -1)), atol=1e-5)
+        assert torch.allclose(te.inputs(), torch.rot90(d.x_test, 1, dims=(-2, -1)), atol=1e-5)
         assert torch.equal(tr.y, d.y_train)
 
 
@@ -268,8 +271,9 @@ def test_rotated_small_angle_changes_images_and_subsets():
     s = g.rotated([d], g.RotatedParams(n_experiences=2, min_angle=30.0, max_angle=40.0,
                                        train_per_experience=15, test_per_experience=4), 0)
     assert [len(e) for e in s.train] == [15, 15] and [len(e) for e in s.test] == [4, 4]
-    assert s.train[0].x.shape == (15, 3, 8, 8)
-    assert float(s.train[0].x.min()) >= 0.0 and float(s.train[0].x.max()) <= 1.0
+    assert s.train[0].inputs().shape == (15, 3, 8, 8)
+    assert float(s.train[0].inputs().min()) >= 0.0 and float(s.train[0].inputs().max()) <= 1.0
+    assert not torch.equal(s.train[0].inputs(), s.train[0].x)
     with pytest.raises(UserError, match="image inputs"):
         g.rotated([toy(shape=(16,))], g.RotatedParams(), 0)
 
@@ -277,9 +281,32 @@ def test_rotated_small_angle_changes_images_and_subsets():
 def test_rotated_accepts_images_without_channel_dim():
     d = toy(shape=(6, 6))
     s = g.rotated([d], g.RotatedParams(n_experiences=1, min_angle=90.0, max_angle=90.0), 0)
-    assert torch.allclose(s.train[0].x, torch.rot90(d.x_train, 1, dims=(-2, -1)), atol=1e-5)
+    assert torch.allclose(s.train[0].inputs(), torch.rot90(d.x_train, 1, dims=(-2, -1)), atol=1e-5)
 
 
+def test_rotated_uint8_images_stay_uint8_and_round_like_float_rotation():
+    d = toy(shape=(1, 8, 8))
+    d8 = dataclasses.replace(d, x_train=(d.x_train * 255).round().to(torch.uint8),
+                             x_test=(d.x_test * 255).round().to(torch.uint8))
+    s = g.rotated([d8], g.RotatedParams(n_experiences=1, min_angle=33.0, max_angle=33.0), 0)
+    rotated = s.train[0].inputs()
+    assert rotated.dtype == torch.uint8
+    as_float = g.rotated([dataclasses.replace(d8, x_train=d8.x_train.float())],
+                         g.RotatedParams(n_experiences=1, min_angle=33.0, max_angle=33.0), 0).train[0].inputs()
+    assert torch.equal(rotated.float(), as_float.round())
+
+
+def test_permuted_full_size_stream_costs_one_copy_of_the_data():
+    """20 permutations of a 60k/10k 28x28 uint8 dataset (MNIST's size) must fit in under 300 MB:
+    materialising them as float32 would take about 4.4 GB."""
+    gen = torch.Generator().manual_seed(0)
+    big = LabelledData("big", torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8, generator=gen),
+                       torch.randint(0, 10, (60_000,), generator=gen),
+                       torch.randint(0, 256, (10_000, 1, 28, 28), dtype=torch.uint8, generator=gen),
+                       torch.randint(0, 10, (10_000,), generator=gen), 10)
+    s = g.permuted([big], g.PermutedParams(n_experiences=20), 0)
+    assert s.nbytes() == 70_000 * 784 + 70_000 * 8  # images and labels, once
+    assert s.nbytes() < 300e6
 # ---------------------------------------------------------------- domain_incremental
 
 

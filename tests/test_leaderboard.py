@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -32,9 +33,16 @@ def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path)
     er_line = next(line for line in md.splitlines() if line.startswith("| er |"))
     assert f"{mean:.3f} ± {std:.3f}" in er_line
     assert "| 2 |" in er_line  # two seeds
+    header = next(line for line in md.splitlines() if line.startswith("| strategy"))
+    assert "memory MiB" in header and "task-IL FWT" in header  # class-IL: FWT on task-IL accuracy
+    fwt = [r.task_il_metrics.fwt for r in store.records() if r.strategy == "er"]
+    assert f"{sum(fwt) / 2:.3f} ± {abs(fwt[0] - fwt[1]) / 2**0.5:.3f}" in er_line
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["strategy"] for r in rows} == {"naive", "er"}
+    assert {r["params"] for r in rows if r["strategy"] == "er"} == {
+        '{"buffer": "reservoir", "buffer_size": 50, "replay_batch_size": 10}'}
+    assert all(r["code_version"].startswith("cl-bench ") for r in rows)
     html = (tmp_path / "index.html").read_text()
     assert "<table>" in html and "test-digits.png" in html
     assert (tmp_path / "test-digits.png").read_bytes()[:4] == b"\x89PNG"
@@ -60,3 +68,19 @@ def test_runs_with_other_settings_are_never_averaged_together(tmp_path):
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| er")]
     # Same label, two hyperparameter sets under lr 0.05: two table rows, each of one seed.
     assert sorted(rows) == ["| er", "| er (buffer_size=20)", "| er (buffer_size=50)"]
+
+
+def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
+    store = ResultStore(f"sqlite:///{tmp_path}/runs.db")
+    cfg = digits_experiment([{"name": "naive"}], n_experiences=2)
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+    record = run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False)
+    store.write(record)
+    older = dataclasses.replace(record, run_key="older", setup_key="0" * 16, created_at="2000-01-01T00:00:00+00:00",
+                                provenance={**record.provenance, "code_version": "cl-bench 0.0.1 (feedbeef)"})
+    store.write(older)
+    generate(store, tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "README.md").read_text()
+    assert sum(line.startswith("## ") for line in md.splitlines()) == 2
+    assert "code cl-bench 0.0.1 (feedbeef)" in md and f"code {record.provenance['code_version']}" in md
+    assert md.count("| naive | 1 |") == 2  # one seed per section, not one row of two seeds

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cl.errors import UserError
-from cl.models import CNNParams, MLPParams, ResNetParams, cnn, mlp, model_bytes, resnet18_reduced
+from cl.models import CNNParams, MLPParams, ResNetParams, cnn, mlp, module_bytes, resnet18_reduced
 from cl.params import build_params
 
 
@@ -10,7 +10,7 @@ def test_mlp_shapes_and_size():
     m = mlp(MLPParams(hidden=[100, 100]), (1, 28, 28), 10, 1)
     assert m(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
     # 784*100+100 + 100*100+100 + 100*10+10 parameters, 4 bytes each (the GEM MLP)
-    assert model_bytes(m) == 4 * (784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10)
+    assert module_bytes(m) == 4 * (784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10)
 
 
 def test_cnn_and_resnet_shapes():
@@ -42,3 +42,16 @@ def test_multi_head_picks_the_head_of_each_sample():
 def test_model_params_validated():
     with pytest.raises(UserError, match="hidden"):
         build_params(MLPParams, {"hidden": 3}, "model 'mlp'")
+
+
+def test_all_heads_in_one_pass():
+    torch.manual_seed(0)
+    multi = mlp(MLPParams(hidden=[8], multi_head=True), (1, 4, 4), 6, 3)
+    x = torch.rand(5, 1, 4, 4)
+    heads = multi(x, all_heads=True)
+    assert heads.shape == (5, 3, 6)
+    for h in range(3):
+        assert torch.allclose(heads[:, h], multi(x, torch.full((5,), h)))
+    single = mlp(MLPParams(hidden=[8]), (1, 4, 4), 6, 3)
+    assert torch.equal(single(x, all_heads=True), single(x).unsqueeze(1))
+    assert multi.multi_head and not single.multi_head and multi.feature_dim == 8

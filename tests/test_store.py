@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sqlite3
 
 import pytest
+import sqlalchemy as sa
 import torch
 
+import cl
+import cl.provenance
 from cl.config import build_experiment
 from cl.errors import UserError
+from cl.record import RunRecord
 from cl.runner import build_scenario, load_datasets, run_experiment, run_one
-from cl.store import HEADLINE, ResultStore
+from cl.store import HEADLINE, ResultStore, runs
 
 CPU = torch.device("cpu")
 
 
-def run_tiny(raw, strategy: str = "er", seed: int = 0) -> dict:
+def run_tiny(raw, strategy: str = "er", seed: int = 0) -> RunRecord:
     """Train one strategy of `raw` on the CPU and return its record (not stored)."""
     config = build_experiment(raw, only_strategies=[strategy])
     scenario = build_scenario(config, load_datasets(config.datasets), seed)
@@ -23,13 +28,13 @@ def run_tiny(raw, strategy: str = "er", seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def record(tiny_raw) -> dict:
+def record(tiny_raw) -> RunRecord:
     """A real record: ER on 2-experience split digits (computed once for the module)."""
     return run_tiny(tiny_raw())
 
 
 @pytest.fixture
-def rec(record) -> dict:
+def rec(record) -> RunRecord:
     return copy.deepcopy(record)
 
 
@@ -50,45 +55,47 @@ def test_write_list_get_round_trip(store_url, rec):
     assert (row["experiment"], row["strategy"], row["seed"], row["status"]) == ("tiny", "er", 0, "completed")
     assert row["params"] == {"buffer_size": 50, "replay_batch_size": 10, "buffer": "reservoir"}
     assert "record" not in row
+    headline = rec.headline()
     for name in HEADLINE:
-        assert row[name] == rec["metrics"][name]
-    assert row["wall_seconds"] == rec["budgets"]["wall_seconds"]
-    assert row["forward_samples"] == rec["budgets"]["forward_samples"] > 0
-    assert row["memory_bytes"] == rec["budgets"]["memory_bytes"] > 0  # the buffer holds samples
+        assert row[name] == headline[name]
+    assert row["wall_seconds"] == rec.budgets.wall_seconds
+    assert row["forward_samples"] == rec.budgets.forward_samples > 0
+    assert row["memory_bytes"] == rec.budgets.memory_bytes > 0  # the buffer holds samples
+    assert row["code_version"] == rec.provenance["code_version"]
 
     run = store.get(run_id)
-    assert run["id"] == run_id
-    for key in ("matrix", "task_il_matrix", "metrics", "budgets", "config", "versions", "git_commit", "device",
-                "scenario", "setting", "run_key", "created_at"):
-        assert key in run, key
-    assert run["matrix"] == rec["matrix"]
-    assert run["task_il_matrix"] == rec["task_il_matrix"]
-    assert run["metrics"] == rec["metrics"]
-    assert run["budgets"] == rec["budgets"]
-    assert run["config"] == rec["config"]
-    assert run["versions"]["torch"] == torch.__version__
-    assert run["run_key"] == rec["run_key"]
+    assert run.id == run_id
+    assert dataclasses.replace(run, id=None) == rec  # every field survives the round trip
+    assert run.provenance["versions"]["torch"] == torch.__version__
+    assert run.provenance["strategy_package"] == {"name": "cl-bench", "version": cl.__version__}
 
 
 def test_record_contents_are_consistent(rec):
     T = 2
-    assert rec["setting"] == "class-il"
-    assert len(rec["matrix"]) == T + 1 and all(len(r) == T for r in rec["matrix"])
-    assert all(v is not None and 0.0 <= v <= 1.0 for row in rec["matrix"] for v in row)
-    assert rec["metrics"]["acc"] == pytest.approx(sum(rec["matrix"][T]) / T)
-    assert rec["config"]["strategy"] == {"name": "er", "label": "er", "buffer_size": 50, "replay_batch_size": 10,
-                                         "buffer": "reservoir"}
-    assert rec["config"]["model"]["hidden"] == [32]
-    b = rec["budgets"]
-    assert b["wall_seconds"] >= b["eval_seconds"] >= 0
-    assert b["backward_samples"] == b["forward_samples"]
+    assert rec.setting == "class-il"
+    assert len(rec.matrix) == T + 1 and all(len(r) == T for r in rec.matrix)
+    assert all(v is not None and 0.0 <= v <= 1.0 for row in rec.matrix for v in row)
+    assert rec.metrics.acc == pytest.approx(sum(rec.matrix[T]) / T)
+    assert rec.config["strategy"] == {"name": "er", "label": "er", "buffer_size": 50, "replay_batch_size": 10,
+                                      "buffer": "reservoir"}
+    assert rec.config["model"]["hidden"] == [32]
+    b = rec.budgets
+    assert b.wall_seconds >= b.eval_seconds >= 0
+    assert b.backward_samples == b.forward_samples
+    assert b.scenario_bytes == 1797 * 64 * 4 + 1797 * 8  # digits: float32 pixels and int64 labels, once
+
+
+def test_class_il_headline_fwt_is_the_task_il_one(rec):
+    """Class-IL FWT is 0 - (init accuracy) for every strategy: the headline reports task-IL FWT."""
+    assert rec.metrics.fwt == pytest.approx(-rec.matrix[0][1])  # R[1, 2] = 0 by construction
+    assert rec.headline()["fwt"] == rec.task_il_metrics.fwt != rec.metrics.fwt
+    assert rec.headline()["task_il_acc"] == rec.task_il_metrics.acc
 
 
 def test_list_runs_filters_by_experiment(store_url, rec):
     store = ResultStore(store_url)
     store.write(rec)
-    other = copy.deepcopy(rec)
-    other.update(run_key="other", experiment="other")
+    other = dataclasses.replace(rec, run_key="other", experiment="other")
     store.write(other)
     assert [r["experiment"] for r in store.list_runs()] == ["tiny", "other"]
     assert [r["experiment"] for r in store.list_runs("other")] == ["other"]
@@ -98,15 +105,33 @@ def test_list_runs_filters_by_experiment(store_url, rec):
 def test_same_run_key_is_replaced(store_url, rec):
     store = ResultStore(store_url)
     store.write(rec)
-    rec["metrics"]["acc"] = 0.123
+    rec.metrics.acc = 0.123
     second = store.write(rec)
     rows = store.list_runs()
     assert len(rows) == 1
     assert rows[0]["id"] == second
     assert rows[0]["acc"] == 0.123
-    assert store.get(second)["metrics"]["acc"] == 0.123
+    assert store.get(second).metrics.acc == 0.123
     # (SQLite may hand the replaced row's id to the new row; either way no second row exists)
     assert count_rows(store_url) == 1
+
+
+def test_seed_column_holds_64_bit_seeds(store_url, rec):
+    """Seeds up to 2**63 - 1 are accepted, so the column must be 64-bit (PostgreSQL's INTEGER is 32)."""
+    assert isinstance(runs.c.seed.type, sa.BigInteger)
+    big = dataclasses.replace(rec, seed=2**63 - 1, run_key="big seed")
+    store = ResultStore(store_url)
+    run_id = store.write(big)
+    assert store.list_runs()[0]["seed"] == 2**63 - 1 == store.get(run_id).seed
+
+
+def test_store_of_an_older_schema_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("create table runs (id integer primary key, run_key varchar(64), record json)")
+    con.close()
+    with pytest.raises(UserError, match="written by an older cl .*use a new --store file"):
+        ResultStore(f"sqlite:///{path}")
 
 
 def test_failed_write_leaves_store_unchanged(store_url, rec):
@@ -114,11 +139,10 @@ def test_failed_write_leaves_store_unchanged(store_url, rec):
     run_id = store.write(rec)
     before = store.get(run_id)
 
-    broken = copy.deepcopy(rec)
-    broken["scenario"] = {"unserialisable": object()}
+    broken = dataclasses.replace(rec, scenario={"unserialisable": object()})
     with pytest.raises(Exception):  # replacing the same run_key: the delete must be rolled back
         store.write(broken)
-    broken["run_key"] = "new key"
+    broken.run_key = "new key"
     with pytest.raises(Exception):  # a new run: no partial row
         store.write(broken)
 
@@ -129,7 +153,7 @@ def test_failed_write_leaves_store_unchanged(store_url, rec):
 
 def test_store_can_be_reopened(store_url, rec):
     run_id = ResultStore(store_url).write(rec)
-    assert ResultStore(store_url).get(run_id)["matrix"] == rec["matrix"]
+    assert ResultStore(store_url).get(run_id).matrix == rec.matrix
 
 
 def test_sqlite_parent_folder_is_created(tmp_path, rec):
@@ -185,22 +209,30 @@ def test_run_key_depends_on_what_changes_results(tiny_raw, record):
     b = build_experiment(raw, only_strategies=["er"])
     assert a.setup_identity() != b.setup_identity()
     rec_b = run_tiny(raw)
-    assert rec_b["run_key"] != record["run_key"]
-    assert run_tiny(tiny_raw(), seed=1)["run_key"] != record["run_key"]
+    assert rec_b.run_key != record.run_key and rec_b.setup_key != record.setup_key
+    assert run_tiny(tiny_raw(), seed=1).run_key != record.run_key
+
+
+def test_code_version_is_part_of_run_and_setup_identity(tiny_raw, record, monkeypatch):
+    """Runs of other code are other runs, and never share a setup (so tables never average them)."""
+    monkeypatch.setattr(cl.provenance, "git_commit", lambda: "0123abcd")
+    other = run_tiny(tiny_raw())
+    assert other.provenance["code_version"] == f"cl-bench {cl.__version__} (0123abcd)"
+    assert other.run_key != record.run_key and other.setup_key != record.setup_key
 
 
 def test_same_seed_gives_identical_matrix(tiny_raw, record):
     again = run_tiny(tiny_raw())
-    assert again["matrix"] == record["matrix"]  # exact, on the CPU
-    assert again["task_il_matrix"] == record["task_il_matrix"]
-    assert again["metrics"] == record["metrics"]
-    assert again["run_key"] == record["run_key"]
+    assert again.matrix == record.matrix  # exact, on the CPU
+    assert again.task_il_matrix == record.task_il_matrix
+    assert again.metrics == record.metrics
+    assert again.run_key == record.run_key
 
 
 def test_different_seed_gives_different_matrix(tiny_raw, record):
     other = run_tiny(tiny_raw(), seed=1)
-    assert other["matrix"] != record["matrix"]
-    assert other["seed"] == 1
+    assert other.matrix != record.matrix
+    assert other.seed == 1
 
 
 def test_result_does_not_depend_on_other_strategies_in_the_experiment(tmp_path, tiny_raw, record):
@@ -209,7 +241,7 @@ def test_result_does_not_depend_on_other_strategies_in_the_experiment(tmp_path, 
                                                    {"name": "er", "buffer_size": 50, "replay_batch_size": 10}]))
     store = ResultStore(f"sqlite:///{tmp_path}/r.db")
     records = run_experiment(config, store, CPU, progress=False, log=lambda _: None)
-    assert [r["strategy"] for r in records] == ["naive", "joint", "er"]
-    assert records[2]["matrix"] == record["matrix"]
-    assert records[2]["run_key"] == record["run_key"]
-    assert [r["id"] for r in store.list_runs()] == [r["id"] for r in records]
+    assert [r.strategy for r in records] == ["naive", "joint", "er"]
+    assert records[2].matrix == record.matrix
+    assert records[2].run_key == record.run_key
+    assert [r["id"] for r in store.list_runs()] == [r.id for r in records]

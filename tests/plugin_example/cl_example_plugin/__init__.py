@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cl.params import param
 from cl.registry import register_strategy
-from cl.strategy import Batch, Strategy
+from cl.strategy import Batch, StepOutput, Strategy
 
 
 @dataclasses.dataclass
@@ -30,7 +30,8 @@ class ExampleL2(Strategy):
 
     Params = L2Params
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        ce = F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
+    def loss(self, batch: Batch) -> StepOutput:
+        logits = self.forward(batch.x, batch.t)
         l2 = sum((p**2).sum() for p in self.model.parameters())
-        return ce + self.params.weight * l2
+        loss = F.cross_entropy(logits, batch.y) + self.params.weight * l2
+        return StepOutput(loss, logits=logits, terms={"l2": l2})

@@ -1,0 +1,101 @@
+"""The typed record of one run, shared by the runner, the store, the reports and the leaderboard.
+
+A record is written once, when the run has finished, and stored as JSON
+(`to_json`) next to a few headline columns; `from_json` reads it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+Matrix = list[list[float | None]]
+
+
+@dataclasses.dataclass
+class Metrics:
+    """The metrics of one accuracy matrix (definitions in cl/metrics.py); None = not measurable."""
+
+    acc: float | None
+    bwt: float | None
+    fwt: float | None
+    forgetting: float | None
+    avg_inc_acc: float | None
+
+
+@dataclasses.dataclass
+class Budgets:
+    """What the run cost: memory kept beyond the model, model size, time, and sample passes."""
+
+    wall_seconds: float
+    train_seconds: float
+    eval_seconds: float
+    memory_bytes: int
+    model_bytes: int
+    forward_samples: int
+    backward_samples: int
+    eval_forward_samples: int
+    scenario_bytes: int  # the scenario's data on the device (shared data counted once)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    run_key: str  # identity: same experiment, strategy, hyperparameters, seed, setup and code -> same key
+    setup_key: str  # runs with equal setup keys may be averaged together (same protocol, device, code)
+    created_at: str
+    experiment: str
+    strategy: str  # the label in the experiment file
+    strategy_name: str  # the registered name
+    params: dict[str, Any]
+    seed: int
+    status: str
+    setting: str
+    matrix: Matrix
+    task_il_matrix: Matrix | None  # class-IL scenarios only
+    metrics: Metrics
+    task_il_metrics: Metrics | None
+    budgets: Budgets
+    logs: dict[str, list[float | None]]  # strategy-logged scalars, one mean per experience
+    scenario: dict[str, Any]  # the scenario's description
+    config: dict[str, Any]  # the resolved experiment configuration
+    provenance: dict[str, Any]  # code version, git commit, package versions, strategy package, device
+    id: int | None = None  # assigned by the store
+
+    @property
+    def task_il_acc(self) -> float | None:
+        """Task-IL accuracy where it is measured: the task-IL matrix of class-IL runs, the run itself in task-IL."""
+        if self.task_il_metrics is not None:
+            return self.task_il_metrics.acc
+        return self.metrics.acc if self.setting == "task-il" else None
+
+    @property
+    def headline_fwt(self) -> float | None:
+        """FWT where it is informative. In class-IL the argmax over seen classes makes accuracy on a
+        future experience 0 for every strategy, so the table reports the task-IL matrix's FWT instead."""
+        if self.setting == "class-il":
+            return self.task_il_metrics.fwt if self.task_il_metrics is not None else None
+        return self.metrics.fwt
+
+    def headline(self) -> dict[str, Any]:
+        """The flat row the tables, the CSV and the store's columns are made of."""
+        b = self.budgets
+        return {"id": self.id, "experiment": self.experiment, "strategy": self.strategy,
+                "strategy_name": self.strategy_name, "params": self.params, "seed": self.seed,
+                "status": self.status, "setup_key": self.setup_key,
+                "code_version": self.provenance.get("code_version"), "created_at": self.created_at,
+                "acc": self.metrics.acc, "task_il_acc": self.task_il_acc, "bwt": self.metrics.bwt,
+                "fwt": self.headline_fwt, "forgetting": self.metrics.forgetting,
+                "avg_inc_acc": self.metrics.avg_inc_acc, "wall_seconds": b.wall_seconds,
+                "memory_bytes": b.memory_bytes, "model_bytes": b.model_bytes,
+                "forward_samples": b.forward_samples, "backward_samples": b.backward_samples}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        values = dict(data)
+        values["metrics"] = Metrics(**values["metrics"])
+        if values["task_il_metrics"] is not None:
+            values["task_il_metrics"] = Metrics(**values["task_il_metrics"])
+        values["budgets"] = Budgets(**values["budgets"])
+        return cls(**values)

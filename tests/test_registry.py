@@ -1,0 +1,57 @@
+"""The registries: entry-point loading that never leaves a partial registry, and name clashes."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+
+import pytest
+
+import cl.registry
+from cl.errors import UserError
+from cl.registry import Registry
+
+
+@dataclasses.dataclass
+class NoParams:
+    pass
+
+
+class First:
+    """first"""
+
+
+class Second:
+    """second"""
+
+
+def fake_entry_points(points):
+    return lambda group: [p for p in points if p.group == group]
+
+
+def test_builtins_come_from_this_packages_entry_points():
+    groups = {ep.group for ep in importlib.metadata.distribution("cl-bench").entry_points
+              if ep.group.startswith("cl.")}
+    assert groups == {"cl.strategies", "cl.models", "cl.datasets", "cl.scenarios"}
+    assert "naive" in cl.registry.STRATEGIES.names() and "mlp" in cl.registry.MODELS.names()
+
+
+def test_a_failing_entry_point_fails_every_lookup(monkeypatch):
+    """After one plugin fails to import, later look-ups must not quietly use a partial registry."""
+    registry = Registry("gadget", "test.gadgets", "gadgets")
+    good = importlib.metadata.EntryPoint("good", "tests.test_registry", "test.gadgets")
+    bad = importlib.metadata.EntryPoint("bad", "tests.no_such_module_here", "test.gadgets")
+    monkeypatch.setattr(cl.registry, "entry_points", fake_entry_points([good, bad]))
+    for _ in range(2):
+        with pytest.raises(UserError, match="plugin entry point 'bad' .* failed to import"):
+            registry.get("anything")
+    monkeypatch.setattr(cl.registry, "entry_points", fake_entry_points([good]))
+    registry.register("thing", params=NoParams)(First)
+    assert registry.get("thing").obj is First  # loads once the broken plugin is gone
+
+
+def test_two_objects_under_one_name_is_an_error():
+    registry = Registry("gadget", "test.gadgets", "gadgets")
+    registry.register("thing", params=NoParams)(First)
+    registry.register("thing", params=NoParams)(First)  # the same object again (a re-import) is fine
+    with pytest.raises(ValueError, match="'thing' is registered twice .*First and .*Second"):
+        registry.register("thing", params=NoParams)(Second)

@@ -122,10 +122,9 @@ class InputPipeline:
                  mean: list[float] | None = None, std: list[float] | None = None):
         self.params = params
         self.stored_shape = tuple(stored_shape)
-        self.image = len(self.stored_shape) == 3
         needs_image = [name for name, on in (("resize", bool(params.resize)), ("crop_padding", params.crop_padding),
                                              ("horizontal_flip", params.horizontal_flip)) if on]
-        if needs_image and not self.image:
+        if needs_image and len(self.stored_shape) != 3:
             raise ValueError(f"transforms {', '.join(needs_image)} need image inputs (C, H, W); "
                              f"the data has shape {list(self.stored_shape)}")
         self.size = tuple(params.resize) if params.resize else None

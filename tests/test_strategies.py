@@ -13,7 +13,6 @@ from torch import nn
 from cl.config import load_experiment
 from cl.errors import UserError
 from cl.params import param
-from cl.registry import STRATEGIES
 from cl.runner import build_scenario, build_strategy, load_datasets, run_one
 from cl.strategy import StepOutput, Strategy
 from tests.helpers import DEVICES, digits_experiment, register_temporarily
@@ -48,6 +47,23 @@ def test_er_reduces_forgetting_compared_with_naive(buffer):
     assert naive.acc < 0.3 and naive.forgetting > 0.8
     assert er.acc > naive.acc + 0.3
     assert er.forgetting < naive.forgetting - 0.4
+
+
+def test_class_balanced_er_keeps_samples_of_both_domains_of_a_domain_incremental_stream():
+    """The classes recur in the second experience: its samples must get into the buffer (the old
+    class-balanced buffer kept every slot for the first experience's samples)."""
+    from cl.config import build_experiment
+
+    raw = {"name": "di", "dataset": [{"name": "digits"}, {"name": "digits", "split_seed": 1}],
+           "scenario": {"name": "domain_incremental"}, "model": {"name": "mlp", "hidden": [32]},
+           "training": {"batch_size": 32, "lr": 0.05},
+           "strategies": [{"name": "er", "buffer_size": 100, "buffer": "class_balanced"}]}
+    strategy, scenario = strategy_for(build_experiment(raw))
+    for exp in scenario.train:
+        strategy.fit(exp)
+    t = strategy.buffer.fields["t"][: len(strategy.buffer)]
+    assert len(t) == 100
+    assert 30 <= int((t == 1).sum()) <= 70  # about half: 1437 samples of each domain were offered
 
 
 def test_joint_is_measured_only_at_init_and_at_the_end():
@@ -349,6 +365,19 @@ def test_a_counted_model_pickles_as_its_plain_class():
     before = strategy.compute.forward_samples
     assert torch.equal(loaded(x), strategy.model(x))
     assert strategy.compute.forward_samples == before + 3  # only the strategy's own model counted
+
+
+def test_a_strategy_sees_the_model_configuration():
+    from cl.config import build_experiment
+
+    raw = {"name": "m", "dataset": {"name": "digits"},
+           "scenario": {"name": "class_incremental", "n_experiences": 2, "task_labels": True},
+           "model": {"name": "mlp", "hidden": [16], "multi_head": True}, "strategies": [{"name": "naive"}]}
+    strategy, _ = strategy_for(build_experiment(raw))
+    spec = strategy.context.model
+    assert (spec.name, spec.multi_head, spec.params.hidden) == ("mlp", True, [16])
+    assert strategy.model(torch.rand(3, 1, 8, 8), all_heads=True).shape == (3, 2, 10)
+    assert not strategy_for(digits_experiment([{"name": "naive"}], n_experiences=2))[0].context.model.multi_head
 
 
 # ---------------------------------------------------------------- optimizer policy, freezing, groups, clipping

@@ -284,7 +284,9 @@ class Herding(Policy):
     herding order, so a prefix is the best smaller set); a new class gets its
     exemplars by herding: repeatedly take the sample that brings the mean of
     the chosen L2-normalised features closest to the class mean. `features`
-    maps stored inputs to feature vectors (the strategy's current extractor).
+    maps stored inputs to feature vectors (the strategy's current extractor); it
+    is called under `torch.no_grad()`, in whatever mode the model is in, so put a
+    model with batch norm or dropout in eval mode inside it.
     """
 
     online = False

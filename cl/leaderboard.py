@@ -29,7 +29,7 @@ CSV_COLUMNS = ("id", "experiment", "setup_key", "code_version", "strategy", "str
 
 
 def _sections(records: list[RunRecord]):
-    """(setup key, title, [record]) per experiment and setup.
+    """(title, [record]) per experiment and setup.
 
     Runs of one experiment file with different settings (e.g. `--set training.lr=...`)
     or of different code versions have different setup keys and are never averaged
@@ -44,7 +44,7 @@ def _sections(records: list[RunRecord]):
         for i, key in enumerate(keys):
             title = experiment if len(keys) == 1 else \
                 f"{experiment} (setup {key[:8]}{', newest' if i == 0 else ''})"
-            yield key, title, groups[(experiment, key)]
+            yield title, groups[(experiment, key)]
 
 
 def _slug(name: str) -> str:
@@ -99,7 +99,7 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
           "FWT column is measured on task-IL accuracy (class-IL FWT is the same for every strategy).", ""]
     body = []
     csv_rows = []
-    for _, title, group in _sections(records):
+    for title, group in _sections(records):
         exp_rows = label_variants([r.headline() for r in group])
         first = group[0]
         headers, cells = comparison_table(exp_rows, first.setting)

@@ -55,12 +55,12 @@ def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed:
 
 def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.device) -> InputPipeline:
     """The experiment's `[transforms]` for this scenario's data; normalisation statistics, when not
-    given, come from the stored training inputs (each distinct tensor once)."""
+    given, come from the training inputs as stored (each distinct tensor once, before the
+    experiences' permutations or rotations)."""
     p = config.transforms
     mean, std = p.mean, p.std
     if p.normalize and not mean:
-        stored = {id(e.x): e.x for e in scenario.train}
-        mean, std = channel_statistics(torch.cat([x.cpu() for x in stored.values()]))
+        mean, std = channel_statistics(list({id(e.x): e.x for e in scenario.train}.values()))
     try:
         return InputPipeline(p, scenario.input_shape, device, mean, std)
     except ValueError as exc:

@@ -93,8 +93,11 @@ class ResultStore:
         query = sa.select(runs.c.id, runs.c.record).order_by(runs.c.id)
         if status is not None:
             query = query.where(runs.c.status == status)
-        with self.engine.connect() as conn:
-            return [self._record(row) for row in conn.execute(query)]
+        try:
+            with self.engine.connect() as conn:
+                return [self._record(row) for row in conn.execute(query)]
+        except OperationalError as exc:
+            raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
 
     def get(self, run_id: int) -> RunRecord:
         with self.engine.connect() as conn:

@@ -10,9 +10,10 @@ Lifecycle of a run:
 
     construction   build_model() -> setup()         (weights drawn from the run's init stream)
     each experience fit(exp):
-        optimizer built (first experience, or every one with optimizer_policy = "reset")
         trainable modules set to train mode
         begin_experience(exp)
+        optimizer built (first experience, or every one with optimizer_policy = "reset";
+                         with "keep", parameters added since join it)
         train_experience(exp)       default: `epochs` passes of shuffled batches, each a train_step:
             zero_grad -> out = loss(batch) -> out.loss.backward()
             -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
@@ -131,22 +132,20 @@ class Strategy:
         self.experience: Experience | None = None  # the experience being trained
         self.optimizer: torch.optim.Optimizer | None = None
         self.progress: Any = None  # set by the runner: an object with update(n)
-        # Weights come from their own stream; the global generators are left as they were.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(init_seed)
-            self.model = self.build_model()
-            self.setup()
-        for module in self.trainable_modules().values():
-            module.to(self.device)
-            self.compute.attach(module)
-        try:
-            self._param_groups = parameter_groups(list(self.named_trainable_parameters()), self.training)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
         self._task_classes: torch.Tensor | None = None  # (tasks, classes) mask for task-IL training
         if self.stream.setting == "task-il" and self.training.task_il_mask:
             self._task_classes = torch.zeros(self.stream.n_tasks, self.stream.n_classes, dtype=torch.bool,
                                              device=self.device)
+        # Weights come from their own stream; the global generators are left as they were. The model
+        # is built on the CPU (the same weights on every device), then moved and counted before
+        # setup(), so what setup() derives from it (copies, importances) is on the device and counted.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(init_seed)
+            self.model = self.build_model().to(self.device)
+            self.compute.attach(self.model)
+            self.setup()
+        self._clipped: list[nn.Parameter] = []  # parameters the optimizer trains (for grad_clip_norm)
+        self._parameter_groups()  # refuse a bad freeze / lr_scale prefix before anything trains
 
     @classmethod
     def incompatibility(cls, stream: StreamInfo, model_name: str) -> str | None:
@@ -187,13 +186,36 @@ class Strategy:
         self.experience = exp
         if self._task_classes is not None:
             self._task_classes[exp.task_id, exp.classes] = True
-        if self.optimizer is None or self.training.optimizer_policy == "reset":
-            self.optimizer = make_optimizer([dict(g) for g in self._param_groups], self.training)
         self.train()
         self.begin_experience(exp)
+        self._prepare_optimizer()
         self.train_experience(exp)
         self.end_experience(exp)
         self.logs.end_experience(exp.id)
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        try:
+            return parameter_groups(list(self.named_trainable_parameters()), self.training)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    def _prepare_optimizer(self) -> None:
+        """Trainable modules on the device and counted, and an optimizer over their parameters: a new
+        one at the first experience and, with optimizer_policy = "reset", at every experience; with
+        "keep", parameters added since (a new head in begin_experience) join the existing optimizer."""
+        for module in self.trainable_modules().values():
+            module.to(self.device)
+            self.compute.attach(module)
+        groups = self._parameter_groups()
+        if self.optimizer is None or self.training.optimizer_policy == "reset":
+            self.optimizer = make_optimizer(groups, self.training)
+        else:
+            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            for group in groups:
+                new = [p for p in group["params"] if id(p) not in known]
+                if new:
+                    self.optimizer.add_param_group({**group, "params": new})
+        self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def train_experience(self, exp: Experience) -> None:
         self.train_on(exp)
@@ -214,7 +236,11 @@ class Strategy:
 
     def steps_per_experience(self, exp: Experience) -> int:
         """Number of train_step calls `fit(exp)` makes (for progress bars)."""
-        return self.training.epochs * -(-len(exp) // self.training.batch_size)
+        return self.steps_for(len(exp))
+
+    def steps_for(self, n_samples: int) -> int:
+        """Number of train_step calls `train_on` makes for `n_samples` samples."""
+        return self.training.epochs * -(-n_samples // self.training.batch_size)
 
     def train_step(self, batch: Batch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,8 +250,7 @@ class Strategy:
         out.loss.backward()
         self.adjust_gradients(batch, out)
         if self.training.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                     self.training.grad_clip_norm)
+            nn.utils.clip_grad_norm_(self._clipped, self.training.grad_clip_norm)
         self.optimizer.step()
         self.after_step(batch, out)
         for name, value in out.terms.items():
@@ -298,17 +323,21 @@ class Strategy:
         return {"modules": {name: m.state_dict() for name, m in self.trainable_modules().items()},
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "compute": self.compute.state_dict(),
-                "logs": self.logs.state_dict(), "kept": {name: _pack(getattr(self, name)) for name in self.kept}}
+                "logs": self.logs.state_dict(), "task_classes": self._task_classes,
+                "kept": {name: _pack(getattr(self, name)) for name in self.kept}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in self.trainable_modules().items():
             module.load_state_dict(state["modules"][name])
         if state["optimizer"] is not None:
-            self.optimizer = make_optimizer([dict(g) for g in self._param_groups], self.training)
+            self.optimizer = make_optimizer(self._parameter_groups(), self.training)
             self.optimizer.load_state_dict(state["optimizer"])
+            self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.generator.set_state(state["generator"])
         self.compute.load_state_dict(state["compute"])
         self.logs.load_state_dict(state["logs"])
+        if state["task_classes"] is not None:
+            self._task_classes = state["task_classes"].to(self.device)
         for name in self.kept:
             current, saved = getattr(self, name), state["kept"][name]
             if isinstance(saved, dict) and _STATE in saved:
@@ -317,7 +346,7 @@ class Strategy:
                                      f"{type(current).__name__} now; create it in setup()")
                 current.load_state_dict(saved[_STATE])
             else:
-                setattr(self, name, saved)
+                setattr(self, name, _to_device(saved, self.device))
 
 
 _STATE = "__state_dict__"
@@ -327,6 +356,17 @@ def _pack(value: Any) -> Any:
     """A kept attribute as checkpoint data: objects with state_dict() become their state."""
     if hasattr(value, "state_dict"):
         return {_STATE: value.state_dict()}
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors, and lists, tuples and dicts of them, moved to `device` (other values as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
     return value
 
 

@@ -18,7 +18,8 @@ import contextlib
 import copy
 import dataclasses
 import math
-from typing import Any, Iterator, Literal
+import weakref
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -102,8 +103,12 @@ class ComputeCount:
     """Hardware-independent compute: samples through forward and backward passes.
 
     `attach(module)` makes the module and its direct submodules (e.g. a model's
-    `features` and `head`) count: a pass that enters through any of them counts
-    once, by the batch size of its first argument, however deep it then goes.
+    `features` and `head`) count. A pass counts once, by the batch size of its
+    first argument, however deep it then goes; a call whose input is the output of
+    the previous counted call (`model.head(model.features(x))`) continues that pass
+    and is not counted again. Its samples count as backward samples too when its
+    output requires a gradient. Calls inside `torch.func.vmap` see one mapped slice,
+    not the batch, and are not counted: count those passes with `add(n)`.
     """
 
     def __init__(self) -> None:
@@ -112,14 +117,16 @@ class ComputeCount:
         self.eval_forward_samples = 0
         self.evaluating = False
         self._depth = 0  # 1 while a counted forward call is in progress
+        self._last_output: Callable[[], Any] = lambda: None  # weak reference to the last counted output
 
-    def add(self, n: int) -> None:
-        """Count one forward pass of `n` samples (also as backward samples when autograd records)."""
+    def add(self, n: int, backward: bool | None = None) -> None:
+        """Count a forward pass of `n` samples; also as backward samples when `backward`
+        (default: when autograd is recording)."""
         if self.evaluating:
             self.eval_forward_samples += n
             return
         self.forward_samples += n
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() if backward is None else backward:
             self.backward_samples += n
 
     @contextlib.contextmanager
@@ -137,7 +144,7 @@ class ComputeCount:
         The modules' classes are swapped for counting subclasses (see `CountedModule`)
         rather than given forward hooks: a hooked call takes PyTorch's slow path, which
         cost 45 us per forward of the quickstart MLP on these machines (about 9% of a
-        batch-10 training step); the subclass costs about 4 us.
+        batch-10 training step); the subclass costs a few.
         """
         for m in {id(m): m for m in [module, *module.children()]}.values():
             if not isinstance(m, CountedModule):
@@ -173,13 +180,18 @@ class CountedModule:
         count = self.__dict__["_compute_count"]
         if count._depth:  # inside a counted call: already counted
             return super().__call__(*args, **kwargs)
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-            count.add(args[0].shape[0])
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x is count._last_output() or _is_vmapped(x):
+            return super().__call__(*args, **kwargs)
         count._depth = 1
         try:
-            return super().__call__(*args, **kwargs)
+            out = super().__call__(*args, **kwargs)
         finally:
             count._depth = 0
+        if isinstance(out, torch.Tensor):
+            count._last_output = weakref.ref(out)
+        count.add(x.shape[0], backward=isinstance(out, torch.Tensor) and out.requires_grad)
+        return out
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         clone = object.__new__(type(self))
@@ -201,6 +213,11 @@ def _counting_class(cls: type) -> type:
         counted = _COUNTING_CLASSES[cls] = type(cls.__name__, (CountedModule, cls), {
             "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_uncounted_class": cls})
     return counted
+
+
+def _is_vmapped(x: torch.Tensor) -> bool:
+    """True for a tensor seen inside torch.func.vmap (its first dimension is not the batch)."""
+    return bool(torch._C._functorch.is_batchedtensor(x))
 
 
 def _restore_module(cls: type, state: dict[str, Any]) -> nn.Module:

@@ -90,9 +90,10 @@ class TransformParams:
                                  "by this many pixels (DER and iCaRL use 4 on CIFAR); 0 = off")
     horizontal_flip: bool = param(False, "training augmentation: flip each image left-right with probability 0.5")
     normalize: bool = param(False, "standardise each channel with `mean` and `std`")
-    mean: list[float] = param([], "per-channel means for normalize; empty = computed from the training data")
+    mean: list[float] = param([], "per-channel means for normalize; empty = computed from the training data "
+                                  "as stored (before permutations or rotations)")
     std: list[float] = param([], "per-channel standard deviations for normalize; empty = computed from the "
-                                 "training data")
+                                 "training data as stored")
 
     def validate(self) -> None:
         if self.resize and (len(self.resize) != 2 or min(self.resize) < 1):
@@ -178,19 +179,19 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     return picked_rows.gather(3, cols)
 
 
-def channel_statistics(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (population) of stored inputs (N, C, ...) or (N, D), after decoding to float."""
-    channels = x.shape[1] if x.dim() >= 3 else 1
+def channel_statistics(tensors: list[torch.Tensor], chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (population) over stored inputs (N, C, ...) or (N, D), decoded to float."""
+    channels = tensors[0].shape[1] if tensors[0].dim() >= 3 else 1
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for part in x.split(chunk):
-        v = to_float(part).double()
-        v = v.transpose(0, 1).reshape(channels, -1) if x.dim() >= 3 else v.reshape(1, -1)
-        total += v.sum(1).cpu()
-        total_sq += (v * v).sum(1).cpu()
-        count += v.shape[1]
+    for x in tensors:
+        for part in x.split(chunk):
+            v = to_float(part).double()
+            v = v.transpose(0, 1).reshape(channels, -1) if v.dim() >= 3 else v.reshape(1, -1)
+            total += v.sum(1).cpu()
+            total_sq += (v * v).sum(1).cpu()
+            count += v.shape[1]
     mean = total / count
     std = (total_sq / count - mean**2).clamp_min(0).sqrt()
     return mean.tolist(), std.tolist()
-

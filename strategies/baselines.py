@@ -61,8 +61,7 @@ class Joint(Strategy):
     def steps_per_experience(self, exp: Experience) -> int:
         if len(self.seen) + 1 < self.stream.n_experiences:
             return 0
-        n = self.seen.n_samples() + len(exp)
-        return self.training.epochs * -(-n // self.training.batch_size)
+        return self.steps_for(self.seen.n_samples() + len(exp))
 
 
 @register_strategy("cumulative")
@@ -75,5 +74,4 @@ class Cumulative(Joint):
         self.train_on(self.seen.union())
 
     def steps_per_experience(self, exp: Experience) -> int:
-        n = self.seen.n_samples() + len(exp)
-        return self.training.epochs * -(-n // self.training.batch_size)
+        return self.steps_for(self.seen.n_samples() + len(exp))

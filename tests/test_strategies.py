@@ -106,10 +106,14 @@ def test_same_seed_same_matrix_other_seed_differs():
     assert a.matrix != c.matrix
 
 
-def test_state_dict_round_trip_resumes_exactly():
+@pytest.mark.parametrize("options", [
+    {"optimizer": "adam", "lr": 0.01, "optimizer_policy": "keep"},  # class-IL, reservoir buffer
+    {"task_labels": True, "buffer": "class_balanced"},  # task-IL mask, per-experience buffer
+], ids=["class-il-reservoir-adam-keep", "task-il-class-balanced"])
+def test_state_dict_round_trip_resumes_exactly(options):
     """A strategy restored from a checkpoint after experience 1 continues exactly like the original."""
-    cfg = digits_experiment([{"name": "er", "buffer_size": 30}], n_experiences=3, optimizer="adam", lr=0.01,
-                            optimizer_policy="keep")
+    buffer = options.pop("buffer", "reservoir")
+    cfg = digits_experiment([{"name": "er", "buffer_size": 30, "buffer": buffer}], n_experiences=3, **options)
     original, scenario = strategy_for(cfg)
     original.fit(scenario.train[0])
     blob = io.BytesIO()
@@ -117,12 +121,15 @@ def test_state_dict_round_trip_resumes_exactly():
     blob.seek(0)
     restored = build_strategy(cfg.strategies[0], cfg, scenario, CPU, seed=99)  # different init
     restored.load_state_dict(torch.load(blob, weights_only=True))
-    original.fit(scenario.train[1])
-    restored.fit(scenario.train[1])
+    for exp in scenario.train[1:]:
+        original.fit(exp)
+        restored.fit(exp)
     for p, q in zip(original.model.parameters(), restored.model.parameters()):
         assert torch.equal(p, q)
     assert torch.equal(original.buffer.fields["y"], restored.buffer.fields["y"])
     assert original.compute == restored.compute
+    assert torch.equal(original.generator.get_state(), restored.generator.get_state())
+    assert original.logs.as_lists(3) == restored.logs.as_lists(3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -351,6 +358,61 @@ def test_forward_passes_of_copies_and_functional_calls_are_counted():
     assert strategy.compute.eval_forward_samples == 7 and strategy.compute.forward_samples == 28
 
 
+def test_a_pass_continued_through_the_head_counts_once_and_backward_only_when_it_can():
+    cfg = digits_experiment([{"name": "naive"}], n_experiences=2)
+    strategy, _ = strategy_for(cfg)
+    x = torch.rand(6, 1, 8, 8)
+    strategy.model.head(strategy.model.features(x))  # one pass, entered through two submodules
+    assert (strategy.compute.forward_samples, strategy.compute.backward_samples) == (6, 6)
+    frozen = copy.deepcopy(strategy.model).requires_grad_(False)
+    frozen(x)  # outside no_grad, but nothing in it can be trained: no backward pass possible
+    assert (strategy.compute.forward_samples, strategy.compute.backward_samples) == (12, 6)
+    per_sample = torch.func.vmap(lambda s: strategy.model(s.unsqueeze(0)))(x)  # a mapped slice is not a batch
+    assert per_sample.shape == (6, 1, 10) and strategy.compute.forward_samples == 12
+
+
+class KeepsATeacher(Strategy):
+    """Makes a copy of its model in setup (as LwF does) and grows a new module in begin_experience."""
+
+    def setup(self):
+        self.teacher = copy.deepcopy(self.model)
+        self.extra = None
+
+    def begin_experience(self, exp):
+        if exp.id == 1 and self.extra is None:
+            self.extra = nn.Linear(self.stream.n_classes, self.stream.n_classes)
+
+    def trainable_modules(self):
+        return {"model": self.model} if self.extra is None else {"model": self.model, "extra": self.extra}
+
+    def loss(self, batch):
+        logits = self.forward(batch.x, batch.t)
+        if self.extra is not None:
+            logits = self.extra(logits)
+        with torch.no_grad():
+            self.teacher(batch.x)
+        return F.cross_entropy(logits, batch.y)
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_setup_copies_are_counted_and_modules_added_later_are_trained(policy):
+    with register_temporarily("keeps_a_teacher", KeepsATeacher):
+        cfg = digits_experiment([{"name": "keeps_a_teacher"}], n_experiences=2, optimizer_policy=policy)
+        strategy, scenario = strategy_for(cfg)
+        strategy.fit(scenario.train[0])
+        n0 = len(scenario.train[0])
+        assert strategy.compute.forward_samples == 2 * n0 and strategy.compute.backward_samples == n0
+        before = strategy.compute.forward_samples
+        strategy.fit(scenario.train[1])  # adds `extra`, whose input continues the model's pass
+        n1 = len(scenario.train[1])
+        assert strategy.compute.forward_samples - before == 2 * n1
+        extra = strategy.extra
+        assert any(p is extra.weight for g in strategy.optimizer.param_groups for p in g["params"])
+        weight = extra.weight.clone()
+        strategy.fit(scenario.train[1])
+        assert strategy.extra is extra and not torch.equal(weight, extra.weight)  # it is trained
+
+
 def test_a_counted_model_pickles_as_its_plain_class():
     from cl.models import ContinualModel
 
@@ -449,20 +511,22 @@ def test_er_augments_stream_and_replayed_samples_alike():
     cfg = digits_experiment([{"name": "er", "buffer_size": 20}], n_experiences=2, horizontal_flip=True,
                             crop_padding=1)
     strategy, scenario = strategy_for(cfg)
-    seen = []
-    original = strategy.context.pipeline.__call__
+    calls = []
+    pipeline = strategy.context.pipeline
 
     class Recording:
         def __call__(self, x, train, generator=None):
-            seen.append((len(x), train))
-            return original(x, train, generator)
+            out = pipeline(x, train, generator)
+            calls.append((train, torch.equal(out, x)))  # digits are stored as float: no decoding
+            return out
 
     strategy.context.pipeline = Recording()
     strategy.fit(scenario.train[0])
-    train_calls = [n for n, train in seen if train]
-    assert 10 in train_calls  # stream batches of 10 and replayed batches of 10 both go through it
-    assert len(train_calls) == 2 * -(-len(scenario.train[0]) // 10) - 1  # every step but the first replays
-    assert strategy.buffer.fields["x"].dtype == torch.float32  # digits are stored as float
+    steps = -(-len(scenario.train[0]) // 10)
+    assert len(calls) == 2 * steps - 1  # a stream batch every step, a replayed batch every step but the first
+    assert all(train for train, _ in calls)
+    # Each call flips about half its images and shifts most of them: none comes back unchanged.
+    assert sum(unchanged for _, unchanged in calls) == 0
 
 
 # ---------------------------------------------------------------- reproduction (slow)

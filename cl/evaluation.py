@@ -59,7 +59,7 @@ class Evaluator:
                     part = slice(start, start + self.batch_size)
                     x = strategy.prepare(exp.inputs(part), train=False)
                     y = exp.y[part]
-                    t = torch.full_like(y, exp.task_id) if scenario.task_labels_at_test else None
+                    t = exp.task_ids(part) if scenario.task_labels_at_test else None
                     logits = strategy.predict(x, t)
                     if scenario.setting == "task-il":
                         correct[j] += _hits(logits, y, exp_mask)

@@ -23,11 +23,6 @@ from cl.report import comparison_table, label_variants
 from cl.store import ResultStore
 
 
-CSV_COLUMNS = ("id", "experiment", "setup_key", "code_version", "strategy", "strategy_name", "params", "seed",
-               "status", "acc", "task_il_acc", "bwt", "fwt", "forgetting", "avg_inc_acc", "wall_seconds",
-               "memory_bytes", "model_bytes", "forward_samples", "backward_samples", "created_at")
-
-
 def _sections(records: list[RunRecord]):
     """(title, [record]) per experiment and setup.
 
@@ -120,7 +115,7 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
                     + "</table>" + (f'<img src="{png.name}" alt="{html.escape(title)}">' if plots else ""))
         for r in exp_rows:
-            csv_rows.append({k: json.dumps(r[k], sort_keys=True) if k == "params" else r[k] for k in CSV_COLUMNS})
+            csv_rows.append({k: json.dumps(v, sort_keys=True) if k == "params" else v for k, v in r.items()})
     if not records:
         md.append("No completed runs in the store yet: run `cl run experiments/quickstart.toml`.")
     (out / "README.md").write_text("\n".join(md) + "\n")

@@ -67,13 +67,15 @@ def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.d
         raise UserError(f"[transforms]: {exc}") from None
 
 
-def check_compatibility(config: ExperimentConfig, scenario: Scenario) -> None:
-    """Refuse, before anything trains, a strategy or model that cannot run on this scenario."""
+def check_compatibility(config: ExperimentConfig, scenario: Scenario,
+                        components: list[Component] | None = None) -> None:
+    """Refuse, before anything trains, a model or strategy (default: every one of the experiment)
+    that cannot run on this scenario."""
     if getattr(config.model.params, "multi_head", False) and not scenario.task_labels_at_test:
         raise UserError(f"model.multi_head = true needs task ids at test time, but scenario "
                         f"{config.scenario.name!r} is {scenario.setting}; set scenario.task_labels = true")
     stream = scenario.stream_info(scenario.input_shape)
-    for component in config.strategies:
+    for component in config.strategies if components is None else components:
         problem = STRATEGIES.get(component.name).obj.incompatibility(stream, config.model.name)
         if problem is not None:
             raise UserError(problem)
@@ -83,7 +85,7 @@ def build_strategy(component: Component, config: ExperimentConfig, scenario: Sce
                    seed: int, pipeline: InputPipeline | None = None) -> Strategy:
     """The strategy, its model initialised from the run's seed (built on the CPU, so any device gets the
     same weights). It receives a description of the stream, never the scenario's samples."""
-    check_compatibility(config, scenario)
+    check_compatibility(config, scenario, [component])
     pipeline = pipeline or input_pipeline(config, scenario, device)
     stream = scenario.stream_info(pipeline.output_shape)
     build = functools.partial(MODELS.get(config.model.name).obj, config.model.params, stream.input_shape,
@@ -165,9 +167,10 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
     """Run every (seed, strategy) of the experiment; each finished run is stored at once."""
     datasets = load_datasets(config.datasets)
     records = []
-    for seed in config.seeds:
+    for i, seed in enumerate(config.seeds):
         scenario = build_scenario(config, datasets, seed).to(device)
-        check_compatibility(config, scenario)  # before the first run trains
+        if i == 0:
+            check_compatibility(config, scenario)  # every strategy, before the first run trains
         pipeline = input_pipeline(config, scenario, device)
         for component in config.strategies:
             record = run_one(config, component, scenario, seed, device, progress, pipeline)

@@ -144,7 +144,7 @@ class Strategy:
             self.model = self.build_model().to(self.device)
             self.compute.attach(self.model)
             self.setup()
-        self._clipped: list[nn.Parameter] = []  # parameters the optimizer trains (for grad_clip_norm)
+        self._clipped: list[nn.Parameter] = []  # set with the optimizer (_use_optimizer)
         self._parameter_groups()  # refuse a bad freeze / lr_scale prefix before anything trains
 
     @classmethod
@@ -208,14 +208,18 @@ class Strategy:
             self.compute.attach(module)
         groups = self._parameter_groups()
         if self.optimizer is None or self.training.optimizer_policy == "reset":
-            self.optimizer = make_optimizer(groups, self.training)
-        else:
-            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            for group in groups:
-                new = [p for p in group["params"] if id(p) not in known]
-                if new:
-                    self.optimizer.add_param_group({**group, "params": new})
-        self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self._use_optimizer(make_optimizer(groups, self.training))
+            return
+        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for group in groups:
+            new = [p for p in group["params"] if id(p) not in known]
+            if new:
+                self.optimizer.add_param_group({**group, "params": new})
+        self._use_optimizer(self.optimizer)
+
+    def _use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._clipped = [p for g in optimizer.param_groups for p in g["params"]]  # for grad_clip_norm
 
     def train_experience(self, exp: Experience) -> None:
         self.train_on(exp)
@@ -254,7 +258,7 @@ class Strategy:
         self.optimizer.step()
         self.after_step(batch, out)
         for name, value in out.terms.items():
-            self.logs.add(name, value)
+            self.log(name, value)
         return out
 
     def prepare(self, raw: torch.Tensor, train: bool = True) -> torch.Tensor:
@@ -330,9 +334,8 @@ class Strategy:
         for name, module in self.trainable_modules().items():
             module.load_state_dict(state["modules"][name])
         if state["optimizer"] is not None:
-            self.optimizer = make_optimizer(self._parameter_groups(), self.training)
+            self._use_optimizer(make_optimizer(self._parameter_groups(), self.training))
             self.optimizer.load_state_dict(state["optimizer"])
-            self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.generator.set_state(state["generator"])
         self.compute.load_state_dict(state["compute"])
         self.logs.load_state_dict(state["logs"])

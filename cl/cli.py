@@ -93,15 +93,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from cl.transforms import TransformParams
 
     if args.what == "training":
-        entries = [("[training]", "How each experience is trained (the [training] table).", TrainingParams)]
+        entries = [("[training]", "How each experience is trained (the [training] table).", TrainingParams, None)]
     elif args.what == "transforms":
         entries = [("[transforms]", "The input pipeline, applied on the device to stream and buffer samples "
-                                    "(the [transforms] table).", TransformParams)]
+                                    "(the [transforms] table).", TransformParams, None)]
     else:
         registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "datasets": DATASETS, "models": MODELS}[args.what]
-        entries = [(e.name, e.doc, e.params) for e in registry.entries()]
-    for name, doc, params in entries:
+        entries = [(e.name, e.doc, e.params, e.obj) for e in registry.entries()]
+    for name, doc, params, obj in entries:
         print(f"{name}: {doc}")
+        if args.what == "strategies":
+            models = "any" if obj.supported_models is None else ", ".join(obj.supported_models)
+            print(f"    settings: {', '.join(obj.supported_settings)}; models: {models}")
         for p in describe_params(params):
             default = "required" if p["required"] else f"default {p['default']!r}"
             print(f"    {p['name']} ({p['type']}, {default}): {p['doc']}")

@@ -268,10 +268,14 @@ class Strategy:
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits of `self.model`. In task-IL scenarios (with `training.task_il_mask`, the
         default) the logits of classes outside each sample's task are set to the dtype's minimum."""
-        logits = self.model(x, t)
-        if self._task_classes is not None and t is not None:
-            logits = logits.masked_fill(~self._task_classes[t], torch.finfo(logits.dtype).min)
-        return logits
+        return self.mask_to_task(self.model(x, t), t)
+
+    def mask_to_task(self, logits: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Task-IL training mask (see `forward`) applied to logits computed some other way
+        (e.g. through `torch.func.functional_call`); other settings: the logits unchanged."""
+        if self._task_classes is None or t is None:
+            return logits
+        return logits.masked_fill(~self._task_classes[t], torch.finfo(logits.dtype).min)
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a named scalar; the run stores its mean over each experience."""

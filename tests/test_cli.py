@@ -208,13 +208,19 @@ def list_output(cli, what: str) -> str:
 def test_list_strategies(cli):
     out = list_output(cli, "strategies")
     names = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
-    for name in ("naive", "er", "joint", "cumulative"):
+    for name in ("naive", "er", "joint", "cumulative", "gem", "agem"):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]
     assert "    buffer_size (int, default 500): samples kept in memory" in er_block
     assert "    replay_batch_size (int, default 10)" in er_block
     assert "buffer ('reservoir'|'class_balanced', default 'reservoir')" in er_block
+    gem_block = out[out.index("\ngem:"):]
+    assert gem_block.splitlines()[2] == "    settings: class-il, task-il, domain-il; models: any"
+    for text in ("memory_per_task (int, default 256)", "memory_strength (float, default 0.5)",
+                 "ridge (float, default 0.001)", "solver ('auto'|'quadprog'|'active_set', default 'auto')"):
+        assert text in gem_block
+    assert "sample_size (int, default 256)" in ("\n" + out)[("\n" + out).index("\nagem:"):]
 
 
 @pytest.mark.parametrize("what, expected", [
@@ -484,7 +490,8 @@ def test_installed_plugin_is_listed_and_runs(plugin_site, cl_subprocess, write_e
     lines = proc.stdout.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("example_l2: "))
     assert "squared parameters" in lines[i]  # the first line of the class docstring
-    assert lines[i + 1] == "    weight (float, default 0.01): L2 penalty on the weights"
+    assert lines[i + 1] == "    settings: class-il, task-il, domain-il; models: any"
+    assert lines[i + 2] == "    weight (float, default 0.01): L2 penalty on the weights"
     assert any(line.startswith("naive: ") for line in lines)  # built-ins are still there
 
     raw = tiny_raw(name="plugin", strategies=[

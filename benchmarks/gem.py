@@ -18,6 +18,10 @@ the script prints final ACC and wall time per side (median over --repeats, the
 sides alternating order) and the ratios loop/cl and avalanche/cl.
 
     python benchmarks/gem.py [--repeats 3] [--tasks 20] [--device cpu] [--skip-avalanche]
+                             [--experiment experiments/gem_rotated_mnist5k.toml]
+
+`--experiment` runs another GEM-protocol file (its `gem` entry) instead of the
+permutations, e.g. the rotations: the loop then checks our GEM on that stream too.
 """
 from __future__ import annotations
 
@@ -138,10 +142,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20, help="number of permutations (the protocol: 20)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-avalanche", action="store_true")
+    parser.add_argument("--experiment", default=str(EXPERIMENT), help="a GEM-protocol experiment file with a gem entry")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    cfg = load_experiment(EXPERIMENT, overrides=[f"scenario.n_experiences={args.tasks}"])
+    cfg = load_experiment(args.experiment, overrides=[f"scenario.n_experiences={args.tasks}"])
     gem = next(c for c in cfg.strategies if c.name == "gem")
+    protocol = (gem.params.memory_per_task, gem.params.memory_strength, gem.params.ridge, cfg.training.lr,
+                cfg.training.batch_size, cfg.training.epochs, cfg.training.optimizer)
+    if protocol != (MEMORY, MARGIN, RIDGE, LR, BATCH, 1, "sgd"):
+        raise SystemExit(f"{args.experiment} is not the GEM protocol this script implements "
+                         f"(memory, margin, ridge, lr, batch, epochs, optimizer = {protocol})")
     sides = {"cl": None, "loop": loop_gem}
     try:
         if not args.skip_avalanche:

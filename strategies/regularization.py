@@ -1,0 +1,168 @@
+"""Regularisation strategies: online EWC and Synaptic Intelligence.
+
+Online EWC (Kirkpatrick et al. 2017; online form: Schwarz et al. 2018):
+
+    loss = CE(B) + ewc_lambda / 2 * sum_i F_i (theta_i - theta*_i)^2
+    end of experience: F <- gamma * F + mean over its samples of (d log p(y|x) / d theta)^2
+                       theta* <- theta
+
+SI (Zenke et al. 2017):
+
+    loss = CE(B) + c * sum_i Omega_i (theta_i - theta*_i)^2
+    after every optimizer step: omega_i += -g_i * delta_i   (g: the gradient of CE alone, delta: the step)
+    end of experience: Omega_i += omega_i / ((theta_i - theta*_i)^2 + xi);  omega <- 0;  theta* <- theta
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from cl.data import Experience
+from cl.gradients import grouped_gradients
+from cl.params import param
+from cl.registry import register_strategy
+from cl.strategy import Batch, StepOutput, Strategy
+
+Tensors = dict[str, torch.Tensor]
+
+
+def quadratic_penalty(params: dict[str, torch.nn.Parameter], weight: Tensors, anchor: Tensors) -> torch.Tensor:
+    """sum_i weight_i (theta_i - anchor_i)^2 over all parameters."""
+    return sum(((p - anchor[name]) ** 2 * weight[name]).sum() for name, p in params.items())
+
+
+class AnchoredStrategy(Strategy):
+    """Fine-tuning plus a quadratic pull towards the parameters at the end of the last experience."""
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def setup(self) -> None:
+        self.anchor = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.weight = {name: torch.zeros_like(p) for name, p in self.model.named_parameters()}
+        self.anchored = False  # no pull before the first experience has ended
+
+    def strength(self) -> float:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> StepOutput:
+        logits = self.forward(batch.x, batch.t)
+        loss = F.cross_entropy(logits, batch.y)
+        if not self.anchored:
+            return StepOutput(loss, logits=logits)
+        penalty = quadratic_penalty(self.trained_parameters(), self.weight, self.anchor)
+        return StepOutput(loss + self.strength() * penalty, logits=logits, terms={"penalty": penalty})
+
+    def set_anchor(self) -> None:
+        for name, p in self.model.named_parameters():
+            self.anchor[name].copy_(p.detach())
+        self.anchored = True
+
+
+# ---------------------------------------------------------------- online EWC
+
+
+@dataclasses.dataclass
+class EWCParams:
+    ewc_lambda: float = param(100.0, "penalty strength lambda: the loss adds lambda/2 * sum F (theta - theta*)^2")
+    gamma: float = param(1.0, "decay of the accumulated Fisher information at each new experience (1 = no decay)")
+    fisher_batch_size: int = param(64, "samples per vectorised per-sample-gradient pass when computing the Fisher")
+
+    def validate(self) -> None:
+        if self.ewc_lambda < 0 or not 0 <= self.gamma <= 1:
+            raise ValueError(f"ewc_lambda must be >= 0 and gamma in [0, 1], got {self.ewc_lambda} and {self.gamma}")
+        if self.fisher_batch_size < 1:
+            raise ValueError("fisher_batch_size must be >= 1")
+
+
+@register_strategy("ewc")
+class EWC(AnchoredStrategy):
+    """Online EWC: a Fisher-weighted pull towards the parameters of the previous experiences."""
+
+    Params = EWCParams
+    kept = ("anchor", "weight", "anchored")  # theta*, the accumulated diagonal Fisher
+
+    def strength(self) -> float:
+        return self.params.ewc_lambda / 2
+
+    def end_experience(self, exp: Experience) -> None:
+        fisher = self.fisher(exp)
+        for name in self.weight:
+            self.weight[name].mul_(self.params.gamma).add_(fisher[name])
+        self.set_anchor()
+
+    def fisher(self, exp: Experience) -> Tensors:
+        """Diagonal empirical Fisher: the mean over the experience's samples of the squared gradient of
+        log p(y | x), from per-sample gradients (vmapped), with the model in eval mode."""
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
+
+        def log_likelihood(params: Tensors, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = self.mask_to_task(functional_call(self.model, params, (x, t)), t)
+            return -F.cross_entropy(logits, y)
+
+        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        with self.evaluation():
+            for index in torch.arange(len(exp), device=self.device).split(self.params.fisher_batch_size):
+                x, y, t = self.prepare(exp.inputs(index), train=False), exp.y[index], exp.task_ids(index)
+                rows = grouped_gradients(log_likelihood, params, x.unsqueeze(1), y.unsqueeze(1), t.unsqueeze(1))
+                offset = 0
+                for name, p in params.items():
+                    total[name] += (rows[:, offset: offset + p.numel()] ** 2).sum(0).view_as(p)
+                    offset += p.numel()
+        self.compute.add(len(exp), backward=True)
+        return {name: value / len(exp) for name, value in total.items()}
+
+
+# ---------------------------------------------------------------- SI
+
+
+@dataclasses.dataclass
+class SIParams:
+    c: float = param(0.5, "penalty strength: the loss adds c * sum Omega (theta - theta*)^2")
+    xi: float = param(1.0, "damping added to the squared total change when normalising the path integral")
+
+    def validate(self) -> None:
+        if self.c < 0 or self.xi <= 0:
+            raise ValueError(f"c must be >= 0 and xi > 0, got {self.c} and {self.xi}")
+
+
+@register_strategy("si")
+class SI(AnchoredStrategy):
+    """Synaptic Intelligence: importance from each parameter's contribution to the loss decrease."""
+
+    Params = SIParams
+    kept = ("anchor", "weight", "path", "anchored")  # theta*, Omega, omega of the experience under way
+
+    def setup(self) -> None:
+        super().setup()
+        self.path = {name: torch.zeros_like(p) for name, p in self.model.named_parameters()}
+
+    def strength(self) -> float:
+        return self.params.c
+
+    def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
+        # The path integral uses the gradient of the task loss alone: take the penalty's gradient
+        # 2c Omega (theta - theta*) back out of what backward() computed.
+        self._before, self._task_grad = {}, {}
+        for name, p in self.trained_parameters().items():
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.anchored:
+                g = g - 2 * self.params.c * self.weight[name] * (p.detach() - self.anchor[name])
+            self._task_grad[name], self._before[name] = g, p.detach().clone()
+
+    def after_step(self, batch: Batch, out: StepOutput) -> None:
+        params = self.trained_parameters()
+        for name, before in self._before.items():
+            self.path[name] -= self._task_grad[name] * (params[name].detach() - before)
+
+    def end_experience(self, exp: Experience) -> None:
+        for name, p in self.model.named_parameters():
+            change = p.detach() - self.anchor[name]
+            self.weight[name] += self.path[name] / (change ** 2 + self.params.xi)
+            self.path[name].zero_()
+        self.set_anchor()

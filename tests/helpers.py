@@ -28,9 +28,10 @@ def digits_experiment(strategies: list[dict[str, Any]], n_experiences: int = 5, 
                       seeds: list[int] | None = None, model: str = "mlp", **options: Any):
     """A split-digits (sklearn 8x8) class-incremental experiment: fast enough for unit tests.
 
-    Other keyword options go to [training] or [transforms] when they name one of their
-    parameters, else to [scenario] (e.g. task_labels=True).
+    Other keyword options go to [model] (multi_head), or to [training] or [transforms] when they
+    name one of their parameters, else to [scenario] (e.g. task_labels=True).
     """
+    model_options = {k: options.pop(k) for k in ("multi_head",) if k in options}
     training = {k: v for k, v in options.items() if k in TRAINING_KEYS}
     transforms = {k: v for k, v in options.items() if k in TRANSFORM_KEYS}
     scenario = {k: v for k, v in options.items() if k not in TRAINING_KEYS | TRANSFORM_KEYS}
@@ -39,7 +40,7 @@ def digits_experiment(strategies: list[dict[str, Any]], n_experiences: int = 5, 
         "seeds": seeds or [0],
         "dataset": {"name": "digits"},
         "scenario": {"name": "class_incremental", "n_experiences": n_experiences, **scenario},
-        "model": {"name": model, **({"hidden": hidden or [64]} if model == "mlp" else {})},
+        "model": {"name": model, **({"hidden": hidden or [64]} if model == "mlp" else {}), **model_options},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, **training},
         "transforms": transforms,
         "strategies": strategies,

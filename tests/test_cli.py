@@ -208,7 +208,7 @@ def list_output(cli, what: str) -> str:
 def test_list_strategies(cli):
     out = list_output(cli, "strategies")
     names = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
-    for name in ("naive", "er", "joint", "cumulative", "gem", "agem"):
+    for name in ("naive", "er", "joint", "cumulative", "gem", "agem", "lwf", "icarl", "der", "der_pp", "ewc", "si"):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]
@@ -220,6 +220,12 @@ def test_list_strategies(cli):
     for text in ("memory_per_task (int, default 256)", "memory_strength (float, default 0.5)",
                  "ridge (float, default 0.001)", "solver ('auto'|'quadprog'|'active_set', default 'auto')"):
         assert text in gem_block
+    icarl_block = out[out.index("\nicarl:"):]
+    assert icarl_block.splitlines()[2] == "    settings: class-il, task-il; models: any"
+    assert "classifier ('nme'|'head', default 'nme')" in icarl_block
+    for name, text in (("der_pp", "beta (float, default 0.5)"), ("ewc", "ewc_lambda (float, default 100.0)"),
+                       ("si", "xi (float, default 1.0)"), ("lwf", "temperature (float, default 2.0)")):
+        assert text in out[out.index(f"\n{name}:"):]
     assert "sample_size (int, default 256)" in ("\n" + out)[("\n" + out).index("\nagem:"):]
 
 
@@ -291,10 +297,10 @@ def test_incompatible_strategy_is_refused_before_anything_trains(run_tiny, tiny_
 
 
 def test_unknown_strategy_in_file(run_tiny, tiny_raw, one_line_error, stored):
-    result = run_tiny(tiny_raw(strategies=[{"name": "ewc"}]))
+    result = run_tiny(tiny_raw(strategies=[{"name": "hat"}]))
     assert result.rc == 2
     line = one_line_error(result.err)
-    assert "unknown strategy 'ewc'" in line and "naive" in line
+    assert "unknown strategy 'hat'" in line and "naive" in line
     assert stored() == []
 
 
@@ -436,10 +442,10 @@ def test_runs_before_a_failure_stay_stored(run_tiny, tiny_raw, nan_strategy, one
 
 def test_subprocess_exit_codes_and_one_line_errors(cl_subprocess, run_tiny, write_experiment, tiny_raw,
                                                    store_url, one_line_error, stored):
-    bad = write_experiment(tiny_raw(strategies=[{"name": "ewc"}]), name="bad.toml")
+    bad = write_experiment(tiny_raw(strategies=[{"name": "hat"}]), name="bad.toml")
     proc = cl_subprocess("run", bad, "--store", store_url, "--no-progress")
     assert proc.returncode == 2
-    assert "unknown strategy 'ewc'" in one_line_error(proc.stderr)
+    assert "unknown strategy 'hat'" in one_line_error(proc.stderr)
 
     good = write_experiment(tiny_raw(strategies=[{"name": "naive"}]), name="good.toml")
     proc = cl_subprocess("run", good, "--store", store_url, "--no-progress", "--set", "training.lr=1e30")

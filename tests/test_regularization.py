@@ -1,0 +1,146 @@
+"""Online EWC and SI: the penalty, the Fisher, the path integral, and the strategies."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl.config import load_experiment
+from cl.runner import build_scenario, build_strategy, load_datasets, run_one
+from cl.strategies.regularization import quadratic_penalty
+from cl.strategy import Batch
+from tests.helpers import digits_experiment
+
+CPU = torch.device("cpu")
+
+
+def run(cfg, seed=0, index=0):
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
+    return run_one(cfg, cfg.strategies[index], scenario, seed, CPU, progress=False)
+
+
+def strategy_for(cfg, seed=0, index=0):
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
+    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
+
+
+def test_ewc_penalty_on_two_parameters_by_hand():
+    params = {"w": torch.tensor([1.0, 2.0])}
+    anchor, fisher = {"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([2.0, 3.0])}
+    # sum F (theta - theta*)^2 = 2 * 1 + 3 * 1 = 5; with lambda = 4 the loss adds 4 / 2 * 5 = 10.
+    assert quadratic_penalty(params, fisher, anchor).item() == 5.0
+    cfg = digits_experiment([{"name": "ewc", "ewc_lambda": 4.0}], n_experiences=2)
+    strategy, _ = strategy_for(cfg)
+    assert strategy.strength() * quadratic_penalty(params, fisher, anchor).item() == 10.0
+
+
+def test_ewc_fisher_is_the_mean_squared_per_sample_log_likelihood_gradient():
+    cfg = digits_experiment([{"name": "ewc", "fisher_batch_size": 7}], n_experiences=5)
+    strategy, scenario = strategy_for(cfg)
+    exp = scenario.train[0]
+    fisher = strategy.fisher(exp)
+    expected = {name: torch.zeros_like(p) for name, p in strategy.model.named_parameters()}
+    strategy.model.eval()
+    for i in range(len(exp)):
+        strategy.model.zero_grad()
+        x = strategy.prepare(exp.inputs(torch.tensor([i])), train=False)
+        F.cross_entropy(strategy.model(x), exp.y[i:i + 1]).backward()
+        for name, p in strategy.model.named_parameters():
+            expected[name] += p.grad ** 2 / len(exp)
+    for name in fisher:
+        assert torch.allclose(fisher[name], expected[name], atol=1e-7, rtol=1e-4)
+
+
+def test_online_ewc_decays_the_old_fisher_and_moves_the_anchor():
+    cfg = digits_experiment([{"name": "ewc", "gamma": 0.5}], n_experiences=3)
+    strategy, scenario = strategy_for(cfg)
+    strategy.fit(scenario.train[0])
+    first = {k: v.clone() for k, v in strategy.weight.items()}
+    strategy.fit(scenario.train[1])
+    new = strategy.fisher(scenario.train[1])
+    for name, value in strategy.weight.items():
+        assert torch.allclose(value, 0.5 * first[name] + new[name], atol=1e-7)
+    for name, p in strategy.model.named_parameters():
+        assert torch.equal(strategy.anchor[name], p.detach())
+
+
+def test_si_importance_after_two_hand_made_steps():
+    cfg = digits_experiment([{"name": "si", "c": 0.5, "xi": 1.0}], n_experiences=2)
+    strategy, scenario = strategy_for(cfg)
+    strategy.experience = scenario.train[0]
+    params = strategy.trained_parameters()
+    start = {name: p.detach().clone() for name, p in params.items()}
+    steps = [(1.0, -0.1), (0.5, -0.2)]  # (gradient, change) of every parameter at each step
+    for g, d in steps:
+        for p in params.values():
+            p.grad = torch.full_like(p, g)
+        strategy.adjust_gradients(None, None)
+        with torch.no_grad():
+            for p in params.values():
+                p += d
+        strategy.after_step(None, None)
+    strategy.end_experience(scenario.train[0])
+    # omega = -(1 * -0.1 + 0.5 * -0.2) = 0.2; total change -0.3: Omega = 0.2 / (0.09 + 1).
+    for name, omega in strategy.weight.items():
+        assert torch.allclose(omega, torch.full_like(omega, 0.2 / 1.09))
+        assert torch.allclose(strategy.anchor[name], start[name] - 0.3)
+        assert torch.all(strategy.path[name] == 0)
+
+
+def test_si_path_integral_uses_the_task_gradient_without_the_penalty():
+    cfg = digits_experiment([{"name": "si", "c": 2.0}], n_experiences=2)
+    strategy, scenario = strategy_for(cfg)
+    strategy.fit(scenario.train[0])
+    exp = scenario.train[1]
+    strategy.experience = exp
+    with torch.no_grad():  # move away from the anchor so the penalty has a gradient
+        for p in strategy.model.parameters():
+            p += 0.05
+    raw = exp.inputs(torch.arange(10))
+    batch = Batch(strategy.prepare(raw), exp.y[:10], exp.task_ids(torch.arange(10)), raw)
+    strategy.model.zero_grad()
+    F.cross_entropy(strategy.forward(batch.x, batch.t), batch.y).backward()
+    task_grad = {n: p.grad.clone() for n, p in strategy.model.named_parameters()}
+    strategy.model.zero_grad()
+    strategy.loss(batch).loss.backward()
+    strategy.adjust_gradients(batch, None)
+    for name, g in task_grad.items():
+        assert torch.allclose(strategy._task_grad[name], g, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ewc", "si"])
+def test_ewc_and_si_keep_parameter_copies_and_forget_less_on_permuted_digits(name):
+    options = {"ewc": {"ewc_lambda": 20.0}, "si": {"c": 1.0}}[name]
+    cfg = digits_experiment([{"name": "naive"}, {"name": name, **options}], n_experiences=4, name="permuted",
+                            lr=0.1, hidden=[100, 100])
+    naive, regularised = run(cfg, index=0), run(cfg, index=1)
+    assert regularised.metrics.bwt > naive.metrics.bwt + 0.05
+    n_params = 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    copies = {"ewc": 2, "si": 3}[name]  # anchor and Fisher; SI also the running path integral
+    assert regularised.budgets.memory_bytes == copies * 4 * n_params
+
+
+def test_checkpointed_si_continues_exactly():
+    import io
+    cfg = digits_experiment([{"name": "si"}], n_experiences=3)
+    original, scenario = strategy_for(cfg)
+    original.fit(scenario.train[0])
+    blob = io.BytesIO()
+    torch.save(original.state_dict(), blob)
+    blob.seek(0)
+    restored = build_strategy(cfg.strategies[0], cfg, scenario, CPU, seed=5)
+    restored.load_state_dict(torch.load(blob, weights_only=True))
+    for exp in scenario.train[1:]:
+        original.fit(exp)
+        restored.fit(exp)
+    for p, q in zip(original.model.parameters(), restored.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_split_fashion_mnist_task_il_ewc_si_and_lwf_beat_fine_tuning():
+    """Three seeds of the DER protocol on Split Fashion-MNIST task-IL."""
+    cfg = load_experiment("experiments/der_split_fashion_mnist_task_il.toml",
+                          only_strategies=["naive", "ewc", "si", "lwf"])
+    acc = {c.label: sum(run(cfg, seed=s, index=i).metrics.acc for s in (0, 1, 2)) / 3
+           for i, c in enumerate(cfg.strategies)}
+    for name in ("ewc", "si", "lwf"):
+        assert acc[name] > acc["naive"], acc

@@ -210,11 +210,20 @@ def test_icarl_refuses_domain_incremental_streams():
 
 
 @pytest.mark.slow
-def test_split_fashion_mnist_class_il_der_pp_and_icarl_beat_er_at_the_same_buffer():
-    """Three seeds of the DER protocol on Split Fashion-MNIST class-IL (buffer 200)."""
+def test_split_fashion_mnist_class_il_orderings_over_three_seeds():
+    """The DER protocol on Split Fashion-MNIST class-IL (buffer 200), seeds 0-2.
+
+    DER++ beats ER at the same buffer, as published. iCaRL beats fine-tuning and forgets less than
+    ER, but its accuracy stays below ER's (0.625 against 0.717 here, flat from buffer 200 to 500):
+    the DER paper's own S-MNIST numbers show the same (iCaRL 70.5 / 70.1 against ER 80.4 / 86.1,
+    docs/reference.md); iCaRL beats ER only in its CIFAR results. With its own head instead of
+    the nearest mean iCaRL drops to 0.38, so the nearest-mean classifier is doing its job.
+    """
     cfg = load_experiment("experiments/der_split_fashion_mnist_class_il.toml",
                           only_strategies=["naive", "er_200", "der_pp_200", "icarl_200"])
-    acc = {c.label: [run(cfg, seed=s, index=i).metrics.acc for s in (0, 1, 2)] for i, c in enumerate(cfg.strategies)}
-    mean = {k: sum(v) / 3 for k, v in acc.items()}
-    assert mean["der_pp_200"] > mean["er_200"] and mean["icarl_200"] > mean["er_200"]
-    assert min(mean["er_200"], mean["der_pp_200"], mean["icarl_200"]) > mean["naive"] + 0.2
+    runs = {c.label: [run(cfg, seed=s, index=i).metrics for s in (0, 1, 2)] for i, c in enumerate(cfg.strategies)}
+    acc = {k: sum(m.acc for m in v) / 3 for k, v in runs.items()}
+    forgetting = {k: sum(m.forgetting for m in v) / 3 for k, v in runs.items()}
+    assert acc["der_pp_200"] > acc["er_200"]
+    assert min(acc["er_200"], acc["der_pp_200"], acc["icarl_200"]) > acc["naive"] + 0.3
+    assert forgetting["icarl_200"] < forgetting["er_200"]

@@ -35,7 +35,11 @@ def quadratic_penalty(params: dict[str, torch.nn.Parameter], weight: Tensors, an
 
 
 class AnchoredStrategy(Strategy):
-    """Fine-tuning plus a quadratic pull towards the parameters at the end of the last experience."""
+    """Fine-tuning plus a quadratic pull towards the parameters at the end of the last experience.
+
+    Subclasses set `self.weight` (per-parameter importance) and give `strength()`, the factor on
+    sum weight (theta - anchor)^2 in the loss.
+    """
 
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -44,9 +48,6 @@ class AnchoredStrategy(Strategy):
         self.anchor = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         self.weight = {name: torch.zeros_like(p) for name, p in self.model.named_parameters()}
         self.anchored = False  # no pull before the first experience has ended
-
-    def strength(self) -> float:
-        raise NotImplementedError
 
     def loss(self, batch: Batch) -> StepOutput:
         logits = self.forward(batch.x, batch.t)

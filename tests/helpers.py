@@ -10,6 +10,7 @@ import torch
 
 from cl.config import build_experiment
 from cl.registry import STRATEGIES
+from cl.runner import build_scenario, build_strategy, load_datasets, run_one
 from cl.training import TrainingParams
 from cl.transforms import TransformParams
 
@@ -56,3 +57,18 @@ def register_temporarily(name: str, cls: type) -> Iterator[type]:
         yield cls
     finally:
         STRATEGIES._entries.pop(name, None)
+
+
+CPU = torch.device("cpu")
+
+
+def run(cfg, seed: int = 0, device: torch.device = CPU, index: int = 0):
+    """Run strategy `index` of an experiment config for one seed; the RunRecord."""
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed).to(device)
+    return run_one(cfg, cfg.strategies[index], scenario, seed, device, progress=False)
+
+
+def strategy_for(cfg, seed: int = 0, index: int = 0):
+    """Strategy `index` of an experiment config, built on the CPU, and its scenario."""
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
+    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario

@@ -7,22 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from cl.config import load_experiment
-from cl.runner import build_scenario, build_strategy, load_datasets, run_one
+from cl.runner import build_scenario, load_datasets
 from cl.strategies.distillation import distillation, nearest_mean_scores
 from cl.strategy import Batch
-from tests.helpers import digits_experiment
+from tests.helpers import digits_experiment, run, strategy_for
 
-CPU = torch.device("cpu")
-
-
-def run(cfg, seed=0, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return run_one(cfg, cfg.strategies[index], scenario, seed, CPU, progress=False)
-
-
-def strategy_for(cfg, seed=0, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
 
 
 def first_batch(strategy, exp, n=10):

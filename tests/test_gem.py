@@ -11,21 +11,9 @@ from cl.config import load_experiment
 from cl.errors import UserError
 from cl.gradients import batch_statistics_only, flat_grad, grouped_gradients
 from cl.projection import agem_project, gem_project, solve_bounded_qp, solve_gem_dual
-from cl.runner import build_scenario, build_strategy, load_datasets, run_one
 from cl.strategies.gem import GEM
-from tests.helpers import digits_experiment, register_temporarily
+from tests.helpers import digits_experiment, register_temporarily, run, strategy_for
 
-CPU = torch.device("cpu")
-
-
-def run(cfg, seed=0, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return run_one(cfg, cfg.strategies[index], scenario, seed, CPU, progress=False)
-
-
-def strategy_for(cfg, seed=0, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
 
 
 # ---------------------------------------------------------------- the dual QP and the projections

@@ -13,22 +13,9 @@ from torch import nn
 from cl.config import load_experiment
 from cl.errors import UserError
 from cl.params import param
-from cl.runner import build_scenario, build_strategy, load_datasets, run_one
+from cl.runner import build_scenario, build_strategy, load_datasets
 from cl.strategy import StepOutput, Strategy
-from tests.helpers import DEVICES, digits_experiment, register_temporarily
-
-CPU = torch.device("cpu")
-
-
-def run(cfg, seed=0, device=CPU, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed).to(device)
-    return run_one(cfg, cfg.strategies[index], scenario, seed, device, progress=False)
-
-
-def strategy_for(cfg, seed=0, index=0):
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
-
+from tests.helpers import CPU, DEVICES, digits_experiment, register_temporarily, run, strategy_for
 
 # ---------------------------------------------------------------- learning and forgetting
 

@@ -8,16 +8,18 @@ batched matrix products, one Python pass for the lot.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
 
-def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
-    """The parameters' .grad concatenated into one vector (zeros where a gradient is None)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+def flat_grad(params: list[nn.Parameter], grads: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Gradients of `params` as one vector: their .grad, or `grads` (e.g. from torch.autograd.grad)
+    when given; zeros where a gradient is None."""
+    grads = [p.grad for p in params] if grads is None else grads
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
 def set_flat_grad(params: list[nn.Parameter], vector: torch.Tensor) -> None:

@@ -178,10 +178,8 @@ class AGEM(EpisodicMemory):
         pick = torch.randperm(len(slots), generator=self.generator, device=self.device)[: self.params.sample_size]
         memory = self.memory.get(slots[pick])
         logits = self.forward(self.prepare(memory["x"]), memory["t"])
-        grads = torch.autograd.grad(F.cross_entropy(logits, memory["y"]), list(self.constrained.values()),
-                                    allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                          for g, p in zip(grads, self.constrained.values())])
+        params = list(self.constrained.values())
+        return flat_grad(params, torch.autograd.grad(F.cross_entropy(logits, memory["y"]), params, allow_unused=True))
 
     def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
         if self._past_slots is None:

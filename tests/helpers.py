@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 from typing import Any, Iterator
 
 import pytest
@@ -72,3 +73,20 @@ def strategy_for(cfg, seed: int = 0, index: int = 0):
     """Strategy `index` of an experiment config, built on the CPU, and its scenario."""
     scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
     return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
+
+
+def resumed_beside_original(cfg, seed: int = 0):
+    """Strategy 0 of `cfg` trained on experience 1, checkpointed (torch.save) and restored into a
+    differently initialised copy; both then train on the remaining experiences.
+    Returns (original, restored), which should be identical if the checkpoint is complete."""
+    original, scenario = strategy_for(cfg, seed)
+    original.fit(scenario.train[0])
+    blob = io.BytesIO()
+    torch.save(original.state_dict(), blob)
+    blob.seek(0)
+    restored = build_strategy(cfg.strategies[0], cfg, scenario, CPU, seed + 99)  # different init
+    restored.load_state_dict(torch.load(blob, weights_only=True))
+    for exp in scenario.train[1:]:
+        original.fit(exp)
+        restored.fit(exp)
+    return original, restored

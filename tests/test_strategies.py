@@ -15,7 +15,8 @@ from cl.errors import UserError
 from cl.params import param
 from cl.runner import build_scenario, build_strategy, load_datasets
 from cl.strategy import StepOutput, Strategy
-from tests.helpers import CPU, DEVICES, digits_experiment, register_temporarily, run, strategy_for
+from tests.helpers import (CPU, DEVICES, digits_experiment, register_temporarily, resumed_beside_original, run,
+                           strategy_for)
 
 # ---------------------------------------------------------------- learning and forgetting
 
@@ -101,16 +102,7 @@ def test_state_dict_round_trip_resumes_exactly(options):
     """A strategy restored from a checkpoint after experience 1 continues exactly like the original."""
     buffer = options.pop("buffer", "reservoir")
     cfg = digits_experiment([{"name": "er", "buffer_size": 30, "buffer": buffer}], n_experiences=3, **options)
-    original, scenario = strategy_for(cfg)
-    original.fit(scenario.train[0])
-    blob = io.BytesIO()
-    torch.save(original.state_dict(), blob)
-    blob.seek(0)
-    restored = build_strategy(cfg.strategies[0], cfg, scenario, CPU, seed=99)  # different init
-    restored.load_state_dict(torch.load(blob, weights_only=True))
-    for exp in scenario.train[1:]:
-        original.fit(exp)
-        restored.fit(exp)
+    original, restored = resumed_beside_original(cfg)
     for p, q in zip(original.model.parameters(), restored.model.parameters()):
         assert torch.equal(p, q)
     assert torch.equal(original.buffer.fields["y"], restored.buffer.fields["y"])

@@ -103,8 +103,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, doc, params, obj in entries:
         print(f"{name}: {doc}")
         if args.what == "strategies":
-            models = "any" if obj.supported_models is None else ", ".join(obj.supported_models)
-            print(f"    settings: {', '.join(obj.supported_settings)}; models: {models}")
+            print(f"    settings: {', '.join(obj.supported_settings)}; models: {obj.models_description()}")
         for p in describe_params(params):
             default = "required" if p["required"] else f"default {p['default']!r}"
             print(f"    {p['name']} ({p['type']}, {default}): {p['doc']}")
@@ -152,6 +151,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"\nbudgets: wall {b.wall_seconds:.1f}s (eval {b.eval_seconds:.1f}s), "
           f"memory {b.memory_bytes} B, model {b.model_bytes} B, scenario data {b.scenario_bytes} B, "
           f"forward {b.forward_samples} / backward {b.backward_samples} / eval {b.eval_forward_samples} samples")
+    if run.model_stats:
+        print("model: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in run.model_stats.items()))
     p = run.provenance
     package = p["strategy_package"]
     print(f"code: {p['code_version']}; strategy from "

@@ -59,6 +59,7 @@ class RunRecord:
     config: dict[str, Any]  # the resolved experiment configuration
     provenance: dict[str, Any]  # code version, git commit, package versions, strategy package, device
     id: int | None = None  # assigned by the store
+    model_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # Strategy.model_statistics()
 
     @property
     def task_il_acc(self) -> float | None:
@@ -86,7 +87,8 @@ class RunRecord:
                 "fwt": self.headline_fwt, "forgetting": self.metrics.forgetting,
                 "avg_inc_acc": self.metrics.avg_inc_acc, "wall_seconds": b.wall_seconds,
                 "memory_bytes": b.memory_bytes, "model_bytes": b.model_bytes,
-                "forward_samples": b.forward_samples, "backward_samples": b.backward_samples}
+                "forward_samples": b.forward_samples, "backward_samples": b.backward_samples,
+                "compression_ratio": self.model_stats.get("compression_ratio")}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

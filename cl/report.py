@@ -1,7 +1,9 @@
 """Tables over stored runs: mean and spread per strategy.
 
 Rows are `RunRecord.headline()` dicts. In class-IL sections the FWT column is
-the task-IL FWT (`RunRecord.headline_fwt`), and the header says so.
+the task-IL FWT (`RunRecord.headline_fwt`), and the header says so. A section
+with hypernetwork runs gets a column of their compression ratio (hypernetwork
+parameters, embeddings included, over target parameters).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     out["memory_mib"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
     compute = df["forward_samples"] + df["backward_samples"]
     out["compute_samples"] = compute.groupby(df["strategy"], sort=False).mean()
+    ratio = pd.to_numeric(df.get("compression_ratio"), errors="coerce")
+    if ratio is not None and ratio.notna().any():  # hnet: hypernetwork / target parameters
+        out["compression_ratio"] = ratio.groupby(df["strategy"], sort=False).mean()
     return out.sort_values("acc_mean", ascending=False)
 
 
@@ -50,11 +55,17 @@ def comparison_table(rows: list[dict[str, Any]], setting: str) -> tuple[list[str
     """Headers and formatted cells of the comparison, best ACC first (for text, markdown, HTML)."""
     names = {"fwt": "task-IL FWT" if setting == "class-il" else "FWT"}
     headers = ["strategy", "seeds"] + [names.get(c, h) for c, h in COLUMNS] + ["memory MiB", "fwd+bwd samples"]
+    frame = comparison_frame(rows)
+    compression = "compression_ratio" in frame
+    if compression:
+        headers.append("hnet/target params")
     cells = []
-    for name, r in comparison_frame(rows).iterrows():
+    for name, r in frame.iterrows():
         row = [str(name), str(int(r["seeds"]))]
         row += [mean_std(r[f"{c}_mean"], r[f"{c}_std"], 1 if c == "wall_seconds" else 3) for c, _ in COLUMNS]
         row += [f"{r['memory_mib']:.2f}", count(r["compute_samples"])]
+        if compression:
+            row.append("-" if pd.isna(r["compression_ratio"]) else f"{r['compression_ratio']:.3f}")
         cells.append(row)
     return headers, cells
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cl.config import Component, ExperimentConfig
-from cl.data import LabelledData, Scenario
+from cl.data import LabelledData, Scenario, StreamInfo
 from cl.errors import RunError, UserError
 from cl.evaluation import Evaluator
 from cl.metrics import compute_metrics
@@ -67,16 +67,24 @@ def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.d
         raise UserError(f"[transforms]: {exc}") from None
 
 
-def check_compatibility(config: ExperimentConfig, scenario: Scenario,
+def model_spec(config: ExperimentConfig, stream: StreamInfo) -> ModelSpec:
+    """The experiment's `[model]` for this stream: its name, parameters and a builder."""
+    build = functools.partial(MODELS.get(config.model.name).obj, config.model.params, stream.input_shape,
+                              stream.n_classes, stream.n_tasks)
+    return ModelSpec(config.model.name, config.model.params, build)
+
+
+def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: InputPipeline,
                         components: list[Component] | None = None) -> None:
     """Refuse, before anything trains, a model or strategy (default: every one of the experiment)
     that cannot run on this scenario."""
     if getattr(config.model.params, "multi_head", False) and not scenario.task_labels_at_test:
         raise UserError(f"model.multi_head = true needs task ids at test time, but scenario "
                         f"{config.scenario.name!r} is {scenario.setting}; set scenario.task_labels = true")
-    stream = scenario.stream_info(scenario.input_shape)
+    stream = scenario.stream_info(pipeline.output_shape)
+    model = model_spec(config, stream)
     for component in config.strategies if components is None else components:
-        problem = STRATEGIES.get(component.name).obj.incompatibility(stream, config.model.name)
+        problem = STRATEGIES.get(component.name).obj.incompatibility(stream, model)
         if problem is not None:
             raise UserError(problem)
 
@@ -85,13 +93,10 @@ def build_strategy(component: Component, config: ExperimentConfig, scenario: Sce
                    seed: int, pipeline: InputPipeline | None = None) -> Strategy:
     """The strategy, its model initialised from the run's seed (built on the CPU, so any device gets the
     same weights). It receives a description of the stream, never the scenario's samples."""
-    check_compatibility(config, scenario, [component])
     pipeline = pipeline or input_pipeline(config, scenario, device)
+    check_compatibility(config, scenario, pipeline, [component])
     stream = scenario.stream_info(pipeline.output_shape)
-    build = functools.partial(MODELS.get(config.model.name).obj, config.model.params, stream.input_shape,
-                              stream.n_classes, stream.n_tasks)
-    context = StrategyContext(stream, config.training, ModelSpec(config.model.name, config.model.params, build),
-                              pipeline, device, seed)
+    context = StrategyContext(stream, config.training, model_spec(config, stream), pipeline, device, seed)
     return STRATEGIES.get(component.name).obj(component.params, context)
 
 
@@ -155,6 +160,7 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
         config={**config.setup(), "strategy": {"name": component.name, "label": component.label, **params},
                 "experiment_file": config.source, "description": config.description},
         provenance=origin,
+        model_stats=strategy.model_statistics(),
     )
 
 
@@ -169,9 +175,9 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
     records = []
     for i, seed in enumerate(config.seeds):
         scenario = build_scenario(config, datasets, seed).to(device)
-        if i == 0:
-            check_compatibility(config, scenario)  # every strategy, before the first run trains
         pipeline = input_pipeline(config, scenario, device)
+        if i == 0:
+            check_compatibility(config, scenario, pipeline)  # every strategy, before the first run trains
         for component in config.strategies:
             record = run_one(config, component, scenario, seed, device, progress, pipeline)
             record.id = store.write(record)

@@ -28,6 +28,7 @@ Hooks to override (all optional):
     setup()                    create buffers and other state, after build_model
     trainable_modules()        {name: module} trained, checked for NaN, counted in model_bytes,
                                checkpointed (default {"model": self.model})
+    optimizer_parameters()     the named parameters the optimizer updates (default: all trainable ones)
     begin_experience(exp)      before training on an experience
     train_experience(exp)      what to train on (default: the experience itself)
     loss(batch)                the objective: a scalar tensor, or a StepOutput with the
@@ -40,7 +41,9 @@ Hooks to override (all optional):
 Class attributes: `Params` (a parameter dataclass), `kept` (names of the
 attributes that hold what the strategy keeps: they make `memory_bytes()` and
 are saved by `state_dict()`), `supported_settings`, `supported_models`,
-`joint_training`. Register the class with `@register_strategy("name")`.
+`joint_training`; `incompatibility(stream, model)` refuses a stream or model in one line,
+`model_statistics()` adds numbers about the model to the run record. Register the class with
+`@register_strategy("name")`.
 """
 from __future__ import annotations
 
@@ -148,16 +151,22 @@ class Strategy:
         self._parameter_groups()  # refuse a bad freeze / lr_scale prefix before anything trains
 
     @classmethod
-    def incompatibility(cls, stream: StreamInfo, model_name: str) -> str | None:
-        """Why this strategy cannot run on this stream and model (None when it can)."""
+    def incompatibility(cls, stream: StreamInfo, model: ModelSpec) -> str | None:
+        """Why this strategy cannot run on this stream and model (None when it can). Checked for every
+        strategy of an experiment before anything trains; `model.build()` gives a copy to inspect."""
         name = getattr(cls, "registered_name", cls.__name__)
         if stream.setting not in cls.supported_settings:
             return (f"strategy {name!r} supports {', '.join(cls.supported_settings)} scenarios, but this one is "
                     f"{stream.setting}; choose another scenario or strategy")
-        if cls.supported_models is not None and model_name not in cls.supported_models:
-            return (f"strategy {name!r} works with models {', '.join(cls.supported_models)}, not {model_name!r}; "
+        if cls.supported_models is not None and model.name not in cls.supported_models:
+            return (f"strategy {name!r} works with models {', '.join(cls.supported_models)}, not {model.name!r}; "
                     f"change [model] name")
         return None
+
+    @classmethod
+    def models_description(cls) -> str:
+        """The models the strategy works with, as `cl list strategies` prints them."""
+        return "any" if cls.supported_models is None else ", ".join(cls.supported_models)
 
     # ----- what the strategy trains ------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -177,6 +186,12 @@ class Strategy:
             for name, p in module.named_parameters():
                 yield prefix + name, p
 
+    def optimizer_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The named parameters the optimizer updates (default: every trainable parameter). A strategy
+        that updates some trainable parameters with an optimizer of its own (hnet's task embeddings)
+        leaves them out here."""
+        return self.named_trainable_parameters()
+
     def train(self, mode: bool = True) -> None:
         for module in self.trainable_modules().values():
             module.train(mode)
@@ -195,7 +210,7 @@ class Strategy:
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         try:
-            return parameter_groups(list(self.named_trainable_parameters()), self.training)
+            return parameter_groups(list(self.optimizer_parameters()), self.training)
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
@@ -324,6 +339,11 @@ class Strategy:
     def memory_bytes(self) -> int:
         """Bytes of what the strategy keeps beyond its trainable modules (the `kept` attributes)."""
         return sum(_bytes_of(getattr(self, name)) for name in self.kept)
+
+    def model_statistics(self) -> dict[str, float]:
+        """Numbers that describe the strategy's model, kept in the run record (`model_stats`) and shown
+        by `cl show` and the leaderboard: e.g. hnet's parameter counts and compression ratio."""
+        return {}
 
     # ----- state ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -190,9 +190,9 @@ def test_icarl_refuses_domain_incremental_streams():
     cfg = digits_experiment([{"name": "icarl"}], name="permuted", n_experiences=2)
     scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
     from cl.errors import UserError
-    from cl.runner import check_compatibility
+    from cl.runner import check_compatibility, input_pipeline
     with pytest.raises(UserError, match="supports class-il, task-il"):
-        check_compatibility(cfg, scenario)
+        check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, torch.device("cpu")))
 
 
 # ---------------------------------------------------------------- reproduction (slow)

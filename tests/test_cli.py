@@ -208,7 +208,8 @@ def list_output(cli, what: str) -> str:
 def test_list_strategies(cli):
     out = list_output(cli, "strategies")
     names = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
-    for name in ("naive", "er", "joint", "cumulative", "gem", "agem", "lwf", "icarl", "der", "der_pp", "ewc", "si"):
+    for name in ("naive", "er", "joint", "cumulative", "gem", "agem", "lwf", "icarl", "der", "der_pp", "ewc", "si",
+                 "hnet"):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]
@@ -227,6 +228,40 @@ def test_list_strategies(cli):
                        ("si", "xi (float, default 1.0)"), ("lwf", "temperature (float, default 2.0)")):
         assert text in out[out.index(f"\n{name}:"):]
     assert "sample_size (int, default 256)" in ("\n" + out)[("\n" + out).index("\nagem:"):]
+    hnet_block = out[out.index("\nhnet:"):]
+    assert hnet_block.splitlines()[2] == ("    settings: class-il, task-il, domain-il; models: any without batch-norm "
+                                          "running statistics (mlp, cnn)")
+    for text in ("chunk_size (int, default 42000)", "beta (float, default 0.01)", "lookahead (bool, default False)",
+                 "task_inference ('entropy'|'latest', default 'entropy')"):
+        assert text in hnet_block
+
+
+def test_hnet_run_show_and_leaderboard_report_the_compression_ratio(run_tiny, tiny_raw, cli, store_url, stored,
+                                                                     tmp_path):
+    raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "hnet", "hidden": [4], "chunk_size": 300,
+                                                    "embedding_dim": 8, "chunk_embedding_dim": 8}])
+    result = run_tiny(raw)
+    assert result.rc == 0, result.err
+    assert "hnet/target params" in result.out
+    hnet = next(r for r in stored() if r["strategy"] == "hnet")
+    n_target = 64 * 32 + 32 + 32 * 10 + 10
+    n_hnet = 16 * 4 + 4 + 4 * 300 + 300 + -(-n_target // 300) * 8 + 2 * 8
+    shown = cli("show", hnet["id"], "--store", store_url).out
+    assert f"model: target_parameters {n_target}, hypernetwork_parameters {n_hnet}, " \
+           f"compression_ratio {n_hnet / n_target:.4g}" in shown
+    assert cli("leaderboard", "--store", store_url, "--out", tmp_path / "lb").rc == 0
+    table = (tmp_path / "lb" / "README.md").read_text()
+    assert "| hnet/target params |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| hnet |"))
+    assert row.endswith(f"| {n_hnet / n_target:.3f} |")
+
+
+def test_hnet_refuses_a_target_with_batch_norm_in_one_line(run_tiny, tiny_raw, stored, one_line_error):
+    raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "hnet"}], model={"name": "resnet18_reduced"})
+    result = run_tiny(raw)
+    assert result.rc == 2
+    assert "'resnet18_reduced' keeps batch-norm running statistics" in one_line_error(result.err)
+    assert stored() == []  # refused before the first strategy trained
 
 
 @pytest.mark.parametrize("what, expected", [

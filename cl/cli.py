@@ -1,4 +1,4 @@
-"""The `cl` command line: run, list, show, runs, leaderboard.
+"""The `cl` command line: run, pretrain, list, show, runs, leaderboard.
 
 Bad input exits with code 2 and one line on stderr; a run that fails (e.g. a
 NaN loss) exits with code 1. Runs that finished before a failure stay stored.
@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     run.add_argument("--data-dir", help="folder holding the dataset files (overrides dataset.data_dir)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    pre = sub.add_parser("pretrain", help="train a backbone on a source dataset and save it as a checkpoint")
+    pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain_vit_mnist5k.toml")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value, e.g. training.epochs=5")
+    pre.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    pre.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets, models, "
                                       "or the training and transforms options")
@@ -83,6 +90,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     records = run_experiment(config, store, device, progress=not args.no_progress)
     print()
     print(format_comparison([r.headline() for r in records], records[0].setting))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cl.pretrain import load_pretraining, pretrain
+    from cl.runner import resolve_device
+
+    config, output = load_pretraining(args.file, args.overrides)
+    device = resolve_device(args.device)
+    info = pretrain(config, output, device, progress=not args.no_progress)
+    print(f"pretrained {config.model.name} on {', '.join(d['name'] for d in info['dataset'])} in {info['seconds']:.1f}s: "
+          f"test accuracy {info['test_accuracy']:.3f} -> {output} (data sha256 {info['data_sha256'][:12]})")
     return 0
 
 
@@ -184,7 +203,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "runs": cmd_runs, "leaderboard": cmd_leaderboard}
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs, "leaderboard": cmd_leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl.checkpoints import load_features
 from cl.errors import UserError
 from cl.params import param
 from cl.registry import register_model
@@ -146,6 +147,42 @@ def resnet18_reduced(p: ResNetParams, input_shape: tuple[int, ...], n_classes: i
         in_planes = planes
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return ContinualModel(nn.Sequential(*layers), in_planes, n_classes, n_heads, p.multi_head)
+
+
+@dataclasses.dataclass
+class ViTParams(ModelParams):
+    patch_size: int = param(4, "side of the square patches (must divide the input's height and width)")
+    width: int = param(64, "token width (embedding dimension)")
+    depth: int = param(4, "transformer blocks")
+    heads: int = param(4, "attention heads (must divide width)")
+    mlp_ratio: float = param(2.0, "hidden width of each block's MLP, as a multiple of width")
+    checkpoint: str = param("", "backbone weights to start from: a file written by `cl pretrain`, or a timm-format "
+                                "ViT state dict (its head is ignored); empty = random initialisation")
+
+    def validate(self) -> None:
+        if min(self.patch_size, self.width, self.depth, self.heads) < 1 or self.mlp_ratio <= 0:
+            raise ValueError("patch_size, width, depth and heads must be >= 1 and mlp_ratio > 0")
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+
+
+@register_model("vit", params=ViTParams)
+def vit(p: ViTParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int) -> ContinualModel:
+    """Vision transformer (timm's VisionTransformer; class token, no classifier) on `patch_size` patches."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if len(input_shape) != 3:
+        raise UserError(f"model 'vit' needs image inputs (C, H, W), got shape {list(input_shape)}; use 'mlp'")
+    channels, height, width = input_shape
+    if height % p.patch_size or width % p.patch_size:
+        raise UserError(f"model 'vit': patch_size {p.patch_size} does not divide the {height}x{width} inputs; "
+                        f"choose a divisor, or resize in [transforms]")
+    features = VisionTransformer(img_size=(height, width), patch_size=p.patch_size, in_chans=channels,
+                                 num_classes=0, embed_dim=p.width, depth=p.depth, num_heads=p.heads,
+                                 mlp_ratio=p.mlp_ratio)
+    if p.checkpoint:
+        load_features(p.checkpoint, features)
+    return ContinualModel(features, p.width, n_classes, n_heads, p.multi_head)
 
 
 def module_bytes(*modules: nn.Module) -> int:

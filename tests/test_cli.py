@@ -17,30 +17,6 @@ from cl.store import HEADLINE, ResultStore
 from cl.strategy import Strategy
 
 
-@pytest.fixture
-def run_tiny(cli, write_experiment, tiny_raw, store_url):
-    """`run_tiny(raw=None, *extra_args)` -> CliResult of `cl run` on a tiny experiment file, on the CPU
-    (a later --device in extra_args wins)."""
-
-    def run(raw=None, *extra):
-        path = write_experiment(raw if raw is not None else tiny_raw())
-        return cli("run", path, "--store", store_url, "--no-progress", "--device", "cpu", *extra)
-
-    return run
-
-
-@pytest.fixture
-def stored(cli, store_url):
-    """The stored runs, as `cl runs --json` lists them."""
-
-    def runs(*extra):
-        result = cli("runs", "--json", "--store", store_url, *extra)
-        assert result.rc == 0, result.err
-        return result.json()
-
-    return runs
-
-
 # ---------------------------------------------------------------- cl run / runs / show
 
 

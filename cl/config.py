@@ -140,18 +140,23 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def load_experiment(path: str | Path, overrides: list[str] = (), seeds: list[int] | None = None,
-                    data_dir: str | None = None, only_strategies: list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
+def read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
+    """A TOML file's table; a one-line UserError (naming `what`, with `hint` when missing) otherwise."""
     try:
         with path.open("rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise UserError(f"experiment file {str(path)!r} not found; see experiments/ for examples") from None
+        raise UserError(f"{what} {str(path)!r} not found; {hint}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
     except OSError as exc:
-        raise UserError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
+        raise UserError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), seeds: list[int] | None = None,
+                    data_dir: str | None = None, only_strategies: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    raw = read_toml(path, "experiment file", "see experiments/ for examples")
     for assignment in overrides:
         apply_override(raw, assignment)
     return build_experiment(raw, str(path), seeds=seeds, data_dir=data_dir, only_strategies=only_strategies)

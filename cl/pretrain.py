@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cl.checkpoints import save_checkpoint
-from cl.config import ExperimentConfig, apply_override, build_experiment
+from cl.config import ExperimentConfig, apply_override, build_experiment, read_toml
 from cl.data import LabelledData
 from cl.errors import UserError
 from cl.evaluation import Evaluator
@@ -36,13 +35,7 @@ KEYS = ("name", "description", "seed", "output", "dataset", "model", "training",
 
 def load_pretraining(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, Path]:
     """The pretraining file as an experiment (one class-incremental experience, `joint`) and its output path."""
-    try:
-        with Path(path).open("rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"pretraining file {str(path)!r} not found; see experiments/pretrain_*.toml") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(Path(path), "pretraining file", "see experiments/pretrain/ for examples")
     for assignment in overrides:
         apply_override(raw, assignment)
     unknown = sorted(set(raw) - set(KEYS))

@@ -28,8 +28,8 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     out["memory_mib"] = df.groupby("strategy", sort=False)["memory_bytes"].mean() / 2**20
     compute = df["forward_samples"] + df["backward_samples"]
     out["compute_samples"] = compute.groupby(df["strategy"], sort=False).mean()
-    ratio = pd.to_numeric(df.get("compression_ratio"), errors="coerce")
-    if ratio is not None and ratio.notna().any():  # hnet: hypernetwork / target parameters
+    ratio = pd.to_numeric(df["compression_ratio"], errors="coerce")
+    if ratio.notna().any():  # hnet: hypernetwork / target parameters
         out["compression_ratio"] = ratio.groupby(df["strategy"], sort=False).mean()
     return out.sort_values("acc_mean", ascending=False)
 

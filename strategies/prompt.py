@@ -1,4 +1,4 @@
-"""Prompt pools on a frozen pretrained vision transformer (work in progress: L2P).
+"""Prompt pools on a frozen pretrained vision transformer: L2P.
 
 L2P (Wang et al., "Learning to Prompt for Continual Learning", CVPR 2022):
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.data import Experience
+from cl.models import module_bytes
 from cl.params import param
 from cl.registry import register_strategy
 from cl.strategy import Batch, StepOutput, Strategy
@@ -68,6 +68,12 @@ class L2P(Strategy):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "pool": self.pool}  # the backbone's parameters do not require grad
 
+    def model_bytes(self) -> int:
+        return module_bytes(self.model)  # the frozen backbone and the head
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self.pool)  # prompts and keys: what L2P keeps instead of a buffer
+
     def train(self, mode: bool = True) -> None:
         super().train(mode)
         self.model.features.eval()  # frozen: no dropout, and the query is the same in training and evaluation
@@ -84,6 +90,7 @@ class L2P(Strategy):
         tokens = vit._pos_embed(vit.patch_embed(x))
         tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)
         out = vit.norm(vit.blocks(vit.norm_pre(tokens)))
+        self.compute.add(x.shape[0])  # the blocks are called directly, below what counts passes by itself
         return out[:, 1: 1 + prompts.shape[1]].mean(1), similarity
 
     def loss(self, batch: Batch) -> StepOutput:

@@ -185,7 +185,7 @@ def test_list_strategies(cli):
     out = list_output(cli, "strategies")
     names = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
     for name in ("naive", "er", "joint", "cumulative", "gem", "agem", "lwf", "icarl", "der", "der_pp", "ewc", "si",
-                 "hnet"):
+                 "hnet", "l2p"):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]
@@ -210,6 +210,9 @@ def test_list_strategies(cli):
     for text in ("chunk_size (int, default 42000)", "beta (float, default 0.01)", "lookahead (bool, default False)",
                  "task_inference ('entropy'|'latest', default 'entropy')"):
         assert text in hnet_block
+    l2p_block = out[out.index("\nl2p:"):]
+    assert l2p_block.splitlines()[2] == "    settings: class-il, task-il, domain-il; models: vit"
+    assert "top_k (int, default 5)" in l2p_block
 
 
 def test_hnet_run_show_and_leaderboard_report_the_compression_ratio(run_tiny, tiny_raw, cli, store_url, stored,

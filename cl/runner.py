@@ -84,7 +84,7 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     stream = scenario.stream_info(pipeline.output_shape)
     model = model_spec(config, stream)
     for component in config.strategies if components is None else components:
-        problem = STRATEGIES.get(component.name).obj.incompatibility(stream, model)
+        problem = STRATEGIES.get(component.name).obj.incompatibility(component.params, stream, model)
         if problem is not None:
             raise UserError(problem)
 

@@ -41,7 +41,7 @@ Hooks to override (all optional):
 Class attributes: `Params` (a parameter dataclass), `kept` (names of the
 attributes that hold what the strategy keeps: they make `memory_bytes()` and
 are saved by `state_dict()`), `supported_settings`, `supported_models`,
-`joint_training`; `incompatibility(stream, model)` refuses a stream or model in one line,
+`joint_training`; `incompatibility(params, stream, model)` refuses a stream or model in one line,
 `model_statistics()` adds numbers about the model to the run record. Register the class with
 `@register_strategy("name")`.
 """
@@ -151,9 +151,10 @@ class Strategy:
         self._parameter_groups()  # refuse a bad freeze / lr_scale prefix before anything trains
 
     @classmethod
-    def incompatibility(cls, stream: StreamInfo, model: ModelSpec) -> str | None:
-        """Why this strategy cannot run on this stream and model (None when it can). Checked for every
-        strategy of an experiment before anything trains; `model.build()` gives a copy to inspect."""
+    def incompatibility(cls, params: Any, stream: StreamInfo, model: ModelSpec) -> str | None:
+        """Why this strategy, with these parameters, cannot run on this stream and model (None when it
+        can). Checked for every strategy of an experiment before anything trains; `model.build()` gives a
+        copy to inspect."""
         name = getattr(cls, "registered_name", cls.__name__)
         if stream.setting not in cls.supported_settings:
             return (f"strategy {name!r} supports {', '.join(cls.supported_settings)} scenarios, but this one is "

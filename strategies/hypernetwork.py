@@ -135,8 +135,8 @@ class HNET(Strategy):
     kept = ("targets", "previous", "classes")
 
     @classmethod
-    def incompatibility(cls, stream: StreamInfo, model: ModelSpec) -> str | None:
-        problem = super().incompatibility(stream, model)
+    def incompatibility(cls, params: HNETParams, stream: StreamInfo, model: ModelSpec) -> str | None:
+        problem = super().incompatibility(params, stream, model)
         if problem is None:
             buffers = [name for name, _ in model.build().named_buffers()]
             if buffers:

@@ -185,7 +185,7 @@ def test_list_strategies(cli):
     out = list_output(cli, "strategies")
     names = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
     for name in ("naive", "er", "joint", "cumulative", "gem", "agem", "lwf", "icarl", "der", "der_pp", "ewc", "si",
-                 "hnet", "l2p"):
+                 "hnet", "l2p", "dualprompt"):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]

@@ -1,8 +1,9 @@
-"""L2P: key selection, the surrogate key loss, the frozen backbone, learning and forgetting, checkpoints."""
+"""L2P and DualPrompt: key selection, the surrogate key loss, prefix attention, the frozen backbone,
+learning and forgetting, checkpoints."""
 import pytest
 import torch
 
-from cl.strategies.prompt import PromptPool
+from cl.strategies.prompt import PromptPool, prefixed_block
 from tests.helpers import digits_experiment, resumed_beside_original, run, strategy_for
 
 TINY_VIT = dict(patch_size=4, width=16, depth=1, heads=2)
@@ -60,7 +61,7 @@ def test_the_backbone_stays_bit_identical_and_budgets_split_backbone_from_prompt
         strategy.fit(exp)
     for name, tensor in strategy.model.features.state_dict().items():
         assert torch.equal(tensor, before[name]), name
-    assert strategy.memory_bytes() == 4 * (6 * 3 * 16 + 6 * 16)  # prompts and keys
+    assert strategy.memory_bytes() == 4 * (6 * 3 * 16 + 6 * 16) + 8 * 6  # prompts, keys, selection counts
     assert strategy.model_bytes() == 4 * sum(p.numel() for p in strategy.model.parameters())
 
 
@@ -78,3 +79,93 @@ def test_l2p_continues_exactly_from_a_checkpoint(pretrained):
     assert torch.equal(original.pool.keys, restored.pool.keys)
     assert torch.equal(original.model.head.weight, restored.model.head.weight)
     assert original.compute == restored.compute
+
+
+def test_diversified_selection_prefers_rarely_used_prompts():
+    pool = PromptPool(pool_size=3, length=1, width=2)
+    with torch.no_grad():
+        pool.keys.copy_(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]))
+    query = torch.tensor([[1.0, 0.25]])  # cos 0.970, 0.922, 0.243 with the three keys
+    assert pool.select(query, top_k=1)[0].item() == 0  # the closest key
+    # Prompt 0 took 90% of the earlier selections: (1 - cos) * share = 0.027, 0.0039, 0.038.
+    index, similarity = pool.select(query, top_k=1, frequency=torch.tensor([0.9, 0.05, 0.05]))
+    assert index.item() == 1
+    torch.testing.assert_close(similarity[0, 0], torch.nn.functional.cosine_similarity(query, pool.keys[1:2])[0])
+
+
+def test_prefixed_attention_equals_attending_to_extra_tokens():
+    """Prefixing keys and values with an extra token's own keys and values is exactly what a block
+    computes at the other positions when that token is part of the sequence."""
+    from timm.models.vision_transformer import Block
+    torch.manual_seed(0)
+    block = Block(dim=16, num_heads=2, mlp_ratio=2.0).eval()
+    x, extra = torch.randn(3, 5, 16), torch.randn(3, 2, 16)
+    width = 16
+    k, v = block.attn.qkv(block.norm1(extra))[..., width:].split(width, dim=-1)
+    with torch.no_grad():
+        prefixed = prefixed_block(block, x, torch.stack([k, v], dim=1))
+        joint = block(torch.cat([extra, x], dim=1))[:, 2:]
+        torch.testing.assert_close(prefixed, joint, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefixed_block(block, x, torch.zeros(3, 2, 0, 16)), block(x))
+
+
+def dualprompt_experiment(checkpoint, strategies=None, **options):
+    return l2p_experiment(checkpoint, strategies or [{"name": "dualprompt", "g_layers": [], "e_layers": [0],
+                                                      "g_length": 2, "e_length": 3}], **options)
+
+
+def test_dualprompt_keeps_the_backbone_and_counts_its_prompts(pretrained):
+    strategy, scenario = strategy_for(dualprompt_experiment(pretrained))
+    before = {k: v.clone() for k, v in strategy.model.features.state_dict().items()}
+    expert_before = strategy.pool.expert.detach().clone()
+    strategy.fit(scenario.train[0])
+    for name, tensor in strategy.model.features.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    changed = (strategy.pool.expert != expert_before).flatten(1).any(1)
+    assert changed.tolist() == [True, False, False, False, False]  # only the experience's own E-prompt trains
+    assert strategy.memory_bytes() == 4 * (5 * 1 * 2 * 3 * 16 + 5 * 16)  # E-prompts (no G-layers) and keys
+
+
+def test_dualprompt_chooses_the_e_prompt_whose_key_matches_the_query(pretrained):
+    strategy, scenario = strategy_for(dualprompt_experiment(pretrained))
+    strategy.experience = scenario.train[2]  # as after training three experiences
+    x = scenario.test[0].inputs(torch.arange(4)).float()
+    query = strategy.query(x)
+    with torch.no_grad():
+        strategy.pool.keys.copy_(torch.randn(5, 16))
+        strategy.pool.keys[1] = query.mean(0) * 10  # every query is closest to key 1 ...
+        strategy.pool.keys[4] = query.mean(0) * 10  # ... but experience 4 has not been learned yet
+    chosen = []
+    strategy.features = lambda x, expert: chosen.append(expert) or torch.zeros(len(x), 16)
+    strategy.predict(x, None)
+    assert chosen[0].tolist() == [1, 1, 1, 1]
+
+
+def test_dualprompt_forgets_far_less_than_fine_tuning(pretrained):
+    cfg = dualprompt_experiment(pretrained, [{"name": "naive"}, {"name": "dualprompt", "g_layers": [],
+                                                                  "e_layers": [0], "g_length": 2, "e_length": 3}])
+    naive, dual = run(cfg, index=0), run(cfg, index=1)
+    assert dual.metrics.forgetting < naive.metrics.forgetting - 0.3
+    assert dual.metrics.acc > naive.metrics.acc
+
+
+def test_dualprompt_continues_exactly_from_a_checkpoint(pretrained):
+    original, restored = resumed_beside_original(dualprompt_experiment(pretrained, n_experiences=3))
+    for name in ("general", "expert", "keys"):
+        assert torch.equal(getattr(original.pool, name), getattr(restored.pool, name)), name
+    assert torch.equal(original.model.head.weight, restored.model.head.weight)
+
+
+def test_dualprompt_layers_beyond_the_backbone_are_refused_before_training(pretrained, tmp_path, capsys):
+    from cl.cli import main
+    from cl.store import ResultStore
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'name = "bad"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
+                   f'[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
+                   f'checkpoint = "{pretrained}"\n[[strategies]]\nname = "naive"\n'
+                   f'[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [1]\n')
+    store = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["run", str(cfg), "--store", store, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blocks 0..0 of the 1-block vit" in err[0]
+    assert not (tmp_path / "r.db").exists() or ResultStore(store).list_runs() == []  # naive did not run either

@@ -98,6 +98,12 @@ def _random_subset(name: str, key: str, n_total: int, k: int, gen: torch.Generat
     return torch.randperm(n_total, generator=gen)[:k].sort().values
 
 
+def _keep_some(name: str, key: str, indices: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """`k` random entries of `indices`, in their order (all of them when k == 0)."""
+    chosen = _random_subset(name, key, len(indices), k, gen)
+    return indices if chosen is None else indices[chosen]
+
+
 def _indices_of(y: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """Indices (in dataset order) of the samples whose label is in `classes`."""
     return torch.isin(y, torch.tensor(classes, dtype=y.dtype)).nonzero().flatten()
@@ -197,11 +203,15 @@ class ClassIncrementalParams:
     shuffle_classes: bool = param(False, "without class_order: seeded random class order instead of 0..C-1")
     classes_per_experience: list[int] = param([], "classes in each experience; empty = as even as possible")
     task_labels: bool = param(False, "give the task id at test time (task-il) instead of class-il")
+    train_per_experience: int = param(0, "random training samples kept per experience; 0 = all")
+    test_per_experience: int = param(0, "random test samples kept per experience; 0 = all")
     seed: int | None = param(None, SEED_DOC)
 
     def validate(self) -> None:
         _check_positive("n_experiences", self.n_experiences)
         _validate_class_order(self)
+        _check_count("train_per_experience", self.train_per_experience)
+        _check_count("test_per_experience", self.test_per_experience)
 
 
 @register_scenario("class_incremental", params=ClassIncrementalParams)
@@ -211,18 +221,23 @@ def class_incremental(datasets: list[LabelledData], p: ClassIncrementalParams, s
     The class order is `class_order`, else a seeded permutation when
     `shuffle_classes`, else 0..C-1. It is cut into `classes_per_experience`
     consecutive chunks, or as evenly as possible: the first C % N experiences
-    get one extra class. Every class lands in exactly one experience.
+    get one extra class. Every class lands in exactly one experience. With
+    train_per_experience / test_per_experience > 0 each experience keeps that
+    many of its samples, drawn at random (seeded).
     """
     name = "class_incremental"
     _validate(name, p)
     d = _one_dataset(name, datasets)
     _check_labels(name, d)
     seed = _resolve_seed(p, seed)
-    order = _class_order(name, d.n_classes, p.class_order, p.shuffle_classes, _generators(seed, 1)[0])
+    order_gen, subset_gen = _generators(seed, 2)
+    order = _class_order(name, d.n_classes, p.class_order, p.shuffle_classes, order_gen)
     groups = _class_groups(order, _split_sizes(name, d.n_classes, p.n_experiences, p.classes_per_experience))
     parts = []
     for classes in groups:
         tr, te = _indices_of(d.y_train, classes), _indices_of(d.y_test, classes)
+        tr, te = (_keep_some(name, key, idx, k, subset_gen) for key, idx, k in
+                  (("train_per_experience", tr, p.train_per_experience), ("test_per_experience", te, p.test_per_experience)))
         parts.append((d.x_train[tr], d.y_train[tr], d.x_test[te], d.y_test[te]))
     train, test = _mirrored(parts)
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes,

@@ -105,6 +105,21 @@ def test_class_incremental_shuffle_reproducible_from_seed():
     assert ci(seed=3).description["class_order"] == list(range(10))  # no shuffle: seed irrelevant
 
 
+def test_class_incremental_keeps_random_subsets_of_each_experience():
+    full, a, b = ci(), ci(train_per_experience=7, test_per_experience=3), ci(train_per_experience=7, test_per_experience=3)
+    other = ci(seed=1, train_per_experience=7, test_per_experience=3)
+    for exp_full, exp_a, exp_b, exp_o in zip(full.train, a.train, b.train, other.train):
+        assert len(exp_a) == 7 and set(exp_a.y.tolist()) <= set(exp_full.classes.tolist())
+        assert torch.equal(exp_a.x, exp_b.x)  # reproducible from the seed
+        rows = {tuple(r.flatten().tolist()) for r in exp_full.x}
+        assert all(tuple(r.flatten().tolist()) in rows for r in exp_a.x)  # its own samples, not copies
+        assert not torch.equal(exp_a.x, exp_o.x)
+    assert [len(e) for e in a.test] == [3] * 5
+    assert [len(e) for e in full.train] == [2 * N_TRAIN] * 5  # 0 keeps all
+    with pytest.raises(UserError, match="train_per_experience=41 is more than the 40 samples"):
+        ci(train_per_experience=41)
+
+
 def test_class_incremental_task_labels_flip_setting():
     s = ci(task_labels=True)
     assert s.setting == "task-il" and s.task_labels_at_test is True

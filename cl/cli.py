@@ -1,7 +1,8 @@
-"""The `cl` command line: run, pretrain, list, show, runs, leaderboard.
+"""The `cl` command line: run, pretrain, list, show, runs, import, leaderboard.
 
-Bad input exits with code 2 and one line on stderr; a run that fails (e.g. a
-NaN loss) exits with code 1. Runs that finished before a failure stay stored.
+Bad input exits with code 2 and one line on stderr. A run that fails or diverges is
+stored with its status and the invocation goes on; `cl run` then exits with code 1
+after a summary of the runs that did not complete.
 """
 from __future__ import annotations
 
@@ -23,8 +24,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class PrintVersion(argparse.Action):
+    """`cl --version`: the code version that runs record (imported only when asked: it loads torch)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
+        from cl.provenance import code_version
+        parser.exit(0, code_version() + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="cl", description="Continual-learning benchmark runner.")
+    parser.add_argument("--version", action=PrintVersion, help="print the package version and git commit, and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     run = sub.add_parser("run", help="run an experiment file and store its results")
@@ -35,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", dest="strategies", action="append", metavar="NAME",
                      help="run only this strategy of the file (repeatable)")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLAlchemy URL of the result store ({DEFAULT_STORE})")
+    run.add_argument("--busy-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="how long SQLite waits for a lock another program holds before a finished run is "
+                          "kept in a file for `cl import` instead (default 60)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     run.add_argument("--data-dir", help="folder holding the dataset files (overrides dataset.data_dir)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="skip runs already stored, continue unfinished ones from their last checkpoint")
 
     pre = sub.add_parser("pretrain", help="train a backbone on a source dataset and save it as a checkpoint")
     pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain_vit_mnist5k.toml")
@@ -59,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", help="only runs of this experiment")
     runs.add_argument("--json", action="store_true")
     runs.add_argument("--store", default=DEFAULT_STORE)
+    imp = sub.add_parser("import", help="store runs that `cl run` kept in files when the store refused them")
+    imp.add_argument("files", nargs="+", help="JSON files, e.g. results/unsaved/run-*.json")
+    imp.add_argument("--store", default=DEFAULT_STORE)
     board = sub.add_parser("leaderboard", help="regenerate the leaderboard (markdown, CSV, HTML, plots) from the store")
     board.add_argument("--store", default=DEFAULT_STORE)
     board.add_argument("--out", default="leaderboard", help="output folder (default leaderboard/)")
@@ -78,18 +99,45 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from cl.config import load_experiment
     from cl.report import format_comparison
-    from cl.runner import resolve_device, run_experiment
+    from cl.runner import describe_run, resolve_device, run_experiment
     from cl.store import ResultStore
 
     config = load_experiment(args.file, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
                              only_strategies=args.strategies)
     device = resolve_device(args.device)
-    store = ResultStore(args.store)
+    store = ResultStore(args.store, busy_timeout=args.busy_timeout)
+    store.check_writable()  # before anything trains
     print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
           f"on {device}, results -> {args.store}", flush=True)
-    records = run_experiment(config, store, device, progress=not args.no_progress)
-    print()
-    print(format_comparison([r.headline() for r in records], records[0].setting))
+    records = run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume)
+    completed = [r for r in records if r.status == "completed"]
+    if completed:
+        print()
+        print(format_comparison([r.headline() for r in completed], completed[0].setting))
+    stopped = [r for r in records if r.status != "completed"]
+    if stopped:
+        print(f"cl: {len(stopped)} of {len(records)} runs did not complete (stored with their status; "
+              f"`cl show ID` gives the details):", file=sys.stderr)
+        for record in stopped:
+            print(f"  {describe_run(record)}", file=sys.stderr)
+    unsaved = [r for r in records if r.id is None]
+    if unsaved:
+        print(f"cl: {len(unsaved)} finished runs could not be written to {args.store} and were kept in "
+              f"{store.spill_dir}/; store them with `cl import {store.spill_dir}/run-*.json --store {args.store}`",
+              file=sys.stderr)
+    return 1 if stopped or unsaved else 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cl.store import ResultStore
+
+    store = ResultStore(args.store)
+    for name in args.files:
+        run_id = store.import_file(Path(name))
+        Path(name).unlink()
+        print(f"{name} -> run {run_id}")
     return 0
 
 
@@ -143,11 +191,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from cl.store import ResultStore
 
-    run = ResultStore(args.store).get(args.run_id)
+    run = ResultStore(args.store, must_exist=True).get(args.run_id)
     if args.json:
         print(json.dumps({"id": run.id, **run.to_json()}, indent=2, default=str))
         return 0
     print(f"run {run.id}: {run.experiment} / {run.strategy} / seed {run.seed} ({run.status})")
+    if run.failure is not None:
+        print(run.stopped())
     print(f"params: {json.dumps(run.params)}")
     cfg = run.config
     print(f"setup: datasets {[d['name'] for d in cfg['datasets']]}, scenario {json.dumps(cfg['scenario'])}, "
@@ -188,22 +238,25 @@ def _number(value: float | None) -> str:
 def cmd_runs(args: argparse.Namespace) -> int:
     from cl.store import HEADLINE, ResultStore
 
-    rows = ResultStore(args.store).list_runs(args.experiment)
+    rows = ResultStore(args.store, must_exist=True).list_runs(args.experiment)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     if not rows:
         print(f"no runs in {args.store}")
         return 0
-    print(f"{'id':>4}  {'experiment':<20} {'strategy':<14} {'seed':>4}  {'status':<9}  "
-          + "  ".join(f"{h:>11}" for h in HEADLINE))
-    for r in rows:
-        print(f"{r['id']:>4}  {r['experiment']:<20} {r['strategy']:<14} {r['seed']:>4}  {r['status']:<9}  "
-              + "  ".join(f"{'-' if r[h] is None else format(r[h], '.3f'):>11}" for h in HEADLINE))
+    table = [["id", "experiment", "strategy", "seed", "status", *HEADLINE]]
+    table += [[str(r["id"]), r["experiment"], r["strategy"], str(r["seed"]), r["status"],
+               *("-" if r[h] is None else format(r[h], ".3f") for h in HEADLINE)] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    left = {1, 2, 4}  # names and status; numbers right-aligned
+    for row in table:  # columns as wide as their longest entry: long names keep the table aligned
+        print("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs, "leaderboard": cmd_leaderboard}
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
+            "import": cmd_import, "leaderboard": cmd_leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("cl: interrupted; finished runs are stored, the current one is not", file=sys.stderr)
+        print("cl: interrupted; finished runs are stored, the current one has a checkpoint after its last "
+              "finished experience: continue with the same command and --resume", file=sys.stderr)
         return 130
 
 

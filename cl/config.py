@@ -13,6 +13,8 @@
     epochs = 1
     [transforms]         # optional input pipeline: resize, augmentation, normalisation
     normalize = true
+    [divergence]         # optional: when a run counts as diverged (cl/divergence.py)
+    factor = 10.0
     [[strategies]]
     name = "er"
     buffer_size = 500
@@ -28,6 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cl.divergence import DivergenceParams
 from cl.errors import UserError
 from cl.params import build_params, params_to_dict
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, Registry
@@ -36,7 +39,7 @@ from cl.transforms import TransformParams
 
 TOP_LEVEL = {"name": "str", "description": "str", "seeds": "list[int]", "dataset": "table or list of tables",
              "scenario": "table", "model": "table", "training": "table", "transforms": "table",
-             "strategies": "list of tables"}
+             "divergence": "table", "strategies": "list of tables"}
 REQUIRED = ("name", "dataset", "scenario", "model", "strategies")
 # Keys that do not change results and so do not enter a run's identity.
 NON_RESULT_KEYS = {"data_dir"}
@@ -66,12 +69,13 @@ class ExperimentConfig:
     transforms: TransformParams
     strategies: list[Component]
     source: str = ""
+    divergence: DivergenceParams = dataclasses.field(default_factory=DivergenceParams)
 
     def setup(self) -> dict[str, Any]:
         """Everything but strategies and seeds, as JSON-able data (stored with each run)."""
         return {"datasets": [d.as_dict() for d in self.datasets], "scenario": self.scenario.as_dict(),
                 "model": self.model.as_dict(), "training": dataclasses.asdict(self.training),
-                "transforms": dataclasses.asdict(self.transforms)}
+                "transforms": dataclasses.asdict(self.transforms), "divergence": dataclasses.asdict(self.divergence)}
 
     def setup_identity(self) -> dict[str, Any]:
         setup = copy.deepcopy(self.setup())
@@ -182,17 +186,25 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     if not (isinstance(seed_list, list) and seed_list
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seed_list)):
         raise UserError(f"{where}: seeds must be a non-empty list of integers in [0, 2**63), got {seed_list!r}")
+    repeated = sorted({s for s in seed_list if seed_list.count(s) > 1})
+    if repeated:
+        raise UserError(f"{where}: seed {repeated[0]} is listed twice; a seed names one run, list each once")
 
     dataset_tables = raw["dataset"] if isinstance(raw["dataset"], list) else [raw["dataset"]]
     if data_dir is not None:
-        for table in dataset_tables:
-            if isinstance(table, dict) and _takes_data_dir(table):
-                table["data_dir"] = data_dir
+        readers = [t for t in dataset_tables if isinstance(t, dict) and _takes_data_dir(t)]
+        if not readers:
+            names = ", ".join(repr(t.get("name")) for t in dataset_tables if isinstance(t, dict))
+            raise UserError(f"--data-dir was given, but dataset {names} reads no files (it is packaged or "
+                            f"generated); drop --data-dir")
+        for table in readers:
+            table["data_dir"] = data_dir
     datasets = [_component(DATASETS, t, f"{where}: [dataset]") for t in dataset_tables]
     scenario = _component(SCENARIOS, raw["scenario"], f"{where}: [scenario]")
     model = _component(MODELS, raw["model"], f"{where}: [model]")
     training = build_params(TrainingParams, raw.get("training", {}), f"{where}: [training]")
     transforms = build_params(TransformParams, raw.get("transforms", {}), f"{where}: [transforms]")
+    divergence = build_params(DivergenceParams, raw.get("divergence", {}), f"{where}: [divergence]")
 
     tables = raw["strategies"]
     if not isinstance(tables, list) or not tables:
@@ -208,7 +220,7 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
             raise UserError(f"--strategy {unknown_sel[0]!r} is not in this experiment (has: {', '.join(labels)})")
         strategies = [s for s in strategies if s.label in only_strategies]
     return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training, transforms,
-                            strategies, source)
+                            strategies, source, divergence)
 
 
 def _takes_data_dir(table: dict[str, Any]) -> bool:

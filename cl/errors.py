@@ -1,7 +1,8 @@
 """Exceptions that the CLI turns into one-line messages.
 
-`UserError` means the input was wrong (exit code 2); `RunError` means a run
-started but could not finish, e.g. the loss became NaN (exit code 1). Both
+`UserError` means the input was wrong (exit code 2); `RunError` means training
+started but could not finish, e.g. the loss became NaN. `cl run` records such a
+run with its status and goes on; `cl pretrain` stops with exit code 1. Both
 carry a message that names the problem and how to fix it.
 """
 
@@ -11,4 +12,4 @@ class UserError(Exception):
 
 
 class RunError(Exception):
-    """A run started but failed (e.g. non-finite loss); nothing is stored."""
+    """Training started but could not finish (e.g. a non-finite loss)."""

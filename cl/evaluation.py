@@ -44,6 +44,18 @@ class Evaluator:
         """Add the classes of training experience `experience_index` to the seen set."""
         self._seen[self.scenario.train[experience_index].classes] = True
 
+    def state_dict(self) -> dict:
+        """The matrices measured so far and the classes seen (for run checkpoints)."""
+        task_il = None if self.task_il_matrix is None else torch.from_numpy(self.task_il_matrix.copy())
+        return {"matrix": torch.from_numpy(self.matrix.copy()), "task_il_matrix": task_il,
+                "seen": self._seen.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.matrix = state["matrix"].numpy().copy()
+        if state["task_il_matrix"] is not None:
+            self.task_il_matrix = state["task_il_matrix"].numpy().copy()
+        self._seen.copy_(state["seen"])
+
     @torch.inference_mode()
     def evaluate_row(self, row: int, strategy: Strategy) -> None:
         scenario = self.scenario

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cl.checkpoints import save_checkpoint
 from cl.config import ExperimentConfig, apply_override, build_experiment, read_toml
 from cl.data import LabelledData
+from cl.divergence import LossMonitor
 from cl.errors import UserError
 from cl.evaluation import Evaluator
 from cl.params import params_to_dict
@@ -67,12 +68,14 @@ def pretrain(config: ExperimentConfig, output: Path, device: torch.device, progr
     datasets = load_datasets(config.datasets)
     scenario = build_scenario(config, datasets, seed).to(device)
     strategy = build_strategy(config.strategies[0], config, scenario, device, seed)
+    strategy.loss_monitor = LossMonitor(config.divergence)  # a diverging pretraining stops early (exit 1)
     experience = scenario.train[0]
     with tqdm(total=strategy.steps_per_experience(experience), desc=f"pretrain {config.name}", unit="step",
               disable=None if progress else True, mininterval=0.5) as bar:
         strategy.progress = bar
         strategy.fit(experience)
         strategy.progress = None
+    strategy.loss_monitor.check()
     evaluator = Evaluator(scenario, config.training.eval_batch_size)
     evaluator.mark_trained(0)
     evaluator.evaluate_row(1, strategy)

@@ -21,6 +21,11 @@ class Metrics:
     forgetting: float | None
     avg_inc_acc: float | None
 
+    @classmethod
+    def unmeasured(cls) -> "Metrics":
+        """The metrics of a run that did not complete: none is measured."""
+        return cls(None, None, None, None, None)
+
 
 @dataclasses.dataclass
 class Budgets:
@@ -47,7 +52,7 @@ class RunRecord:
     strategy_name: str  # the registered name
     params: dict[str, Any]
     seed: int
-    status: str
+    status: str  # completed, diverged (cl.divergence's rules) or failed (an exception)
     setting: str
     matrix: Matrix
     task_il_matrix: Matrix | None  # class-IL scenarios only
@@ -60,6 +65,8 @@ class RunRecord:
     provenance: dict[str, Any]  # code version, git commit, package versions, strategy package, device
     id: int | None = None  # assigned by the store
     model_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # Strategy.model_statistics()
+    # Runs that did not complete: {"experience": 1-based (0 = before training), "step", "reason", "traceback"}.
+    failure: dict[str, Any] | None = None
 
     @property
     def task_il_acc(self) -> float | None:
@@ -75,6 +82,14 @@ class RunRecord:
         if self.setting == "class-il":
             return self.task_il_metrics.fwt if self.task_il_metrics is not None else None
         return self.metrics.fwt
+
+    def stopped(self) -> str:
+        """Where and why a run that did not complete stopped, in one line ("" for completed runs)."""
+        if self.failure is None:
+            return ""
+        f = self.failure
+        where = "before training" if f["experience"] == 0 else f"at experience {f['experience']}, step {f['step']}"
+        return f"{self.status} {where}: {f['reason']}"
 
     def headline(self) -> dict[str, Any]:
         """The flat row the tables, the CSV and the store's columns are made of."""

@@ -6,7 +6,9 @@ import functools
 import hashlib
 import json
 import re
+import shutil
 import time
+import traceback
 from typing import Any, Callable
 
 import numpy as np
@@ -15,12 +17,14 @@ from tqdm.auto import tqdm
 
 from cl.config import Component, ExperimentConfig
 from cl.data import LabelledData, Scenario, StreamInfo
+from cl.divergence import Diverged, LossMonitor, learned_nothing
 from cl.errors import RunError, UserError
 from cl.evaluation import Evaluator
 from cl.metrics import compute_metrics
 from cl.params import params_to_dict
-from cl.provenance import code_version, provenance
+from cl.provenance import code_version, package_of, provenance
 from cl.record import Budgets, Metrics, RunRecord
+from cl.resume import RunCheckpoint, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
@@ -104,13 +108,56 @@ def _key(parts: Any, length: int = 64) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def majority_share(exp) -> float:
+    """Share of the experience's most common label: the accuracy of always answering that class."""
+    counts = torch.bincount(exp.y)
+    return float(counts.max()) / len(exp.y)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a run stopped (the traceback is kept in the record)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in text.lower():
+        return (f"out of memory ({type(exc).__name__}: {text}); lower training.batch_size, "
+                f"training.eval_batch_size or the strategy's buffer sizes")
+    if isinstance(exc, RunError):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def run_identity(config: ExperimentConfig, component: Component, seed: int, device: torch.device) -> dict[str, Any]:
+    """What names a run: experiment, strategy label and parameters, seed, setup (with the device type,
+    since CPU and CUDA generators draw different streams, and the code version) and the strategy's
+    package. Runs with the same identity replace each other in the store; a checkpoint belongs to one."""
+    return {"experiment": config.name, "label": component.label,
+            "strategy": {"name": component.name, **params_to_dict(component.params)}, "seed": seed,
+            "setup": {**config.setup_identity(), "device": device.type, "code_version": code_version()},
+            "strategy_package": package_of(STRATEGIES.get(component.name).obj.__module__)}
+
+
+def run_key(identity: dict[str, Any]) -> str:
+    return _key([identity[k] for k in ("experiment", "label", "strategy", "seed", "setup", "strategy_package")])
+
+
 def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, seed: int, device: torch.device,
-            progress: bool = True, pipeline: InputPipeline | None = None) -> RunRecord:
-    """Train one strategy on one scenario and return its complete record."""
+            progress: bool = True, pipeline: InputPipeline | None = None,
+            checkpoints: Path | None = None, resume: bool = False) -> RunRecord:
+    """Train one strategy on one scenario and return its record: `completed`, or `diverged` / `failed`
+    with the experience and step where it stopped and why (bad input still raises UserError).
+
+    With `checkpoints` (a folder), a checkpoint is written after every experience; with `resume`, the
+    run continues from the one found there (cl/resume.py)."""
     start = time.perf_counter()
+    identity = run_identity(config, component, seed, device)
     strategy = build_strategy(component, config, scenario, device, seed, pipeline)
+    strategy.loss_monitor = LossMonitor(config.divergence)
     evaluator = Evaluator(scenario, config.training.eval_batch_size)
-    eval_seconds = 0.0
+    checkpoint = RunCheckpoint(checkpoints, identity) if checkpoints is not None else None
+    saved = checkpoint.load() if checkpoint is not None and resume else None
+    done, earlier_seconds, eval_seconds = 0, 0.0, 0.0
+    if saved is not None:
+        checkpoint.restore(saved, strategy, evaluator, strategy.loss_monitor)
+        done, earlier_seconds, eval_seconds = saved["experiences_done"], saved["seconds"], saved["eval_seconds"]
 
     def evaluate(row: int) -> None:
         nonlocal eval_seconds
@@ -118,49 +165,69 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
         evaluator.evaluate_row(row, strategy)
         eval_seconds += time.perf_counter() - t0
 
-    evaluate(0)
     T = scenario.n_experiences
-    for i, exp in enumerate(scenario.train):
-        desc = f"{component.label} seed {seed} exp {i + 1}/{T}"
-        with tqdm(total=strategy.steps_per_experience(exp), desc=desc, leave=False, disable=None if progress else True,
-                  unit="step", mininterval=0.5) as bar:
-            strategy.progress = bar
-            strategy.fit(exp)
-            strategy.progress = None
-        if not strategy.all_finite():
-            raise RunError(f"{component.label} (seed {seed}): the loss became NaN/inf during experience {i + 1} "
-                           f"and the weights are no longer finite; lower training.lr (now {config.training.lr})")
-        evaluator.mark_trained(i)
-        if not strategy.joint_training or i == T - 1:
-            evaluate(i + 1)
-    wall = time.perf_counter() - start
+    status, failure, current = "completed", None, done  # current: 1-based experience being trained
+    first_evaluation = done == 0
+    try:
+        if done == 0:
+            evaluate(0)
+        for i, exp in enumerate(scenario.train[done:], start=done):
+            current = i + 1
+            desc = f"{component.label} seed {seed} exp {i + 1}/{T}"
+            with tqdm(total=strategy.steps_per_experience(exp), desc=desc, leave=False,
+                      disable=None if progress else True, unit="step", mininterval=0.5) as bar:
+                strategy.progress = bar
+                strategy.fit(exp)
+                strategy.progress = None
+            strategy.loss_monitor.check()
+            if not strategy.all_finite():
+                raise Diverged(f"the weights are no longer finite after training experience {i + 1}; "
+                               f"lower training.lr (now {config.training.lr})")
+            evaluator.mark_trained(i)
+            if not strategy.joint_training or i == T - 1:
+                evaluate(i + 1)
+                if first_evaluation:  # rule 3 of cl/divergence.py
+                    first_evaluation = False
+                    own = evaluator.task_il_matrix if evaluator.task_il_matrix is not None else evaluator.matrix
+                    reason = learned_nothing(float(own[i + 1, i]), majority_share(scenario.test[i]),
+                                             config.divergence.learned_margin)
+                    if reason is not None:
+                        raise Diverged(reason)
+            if checkpoint is not None and i < T - 1:
+                checkpoint.save(i + 1, strategy, evaluator, strategy.loss_monitor,
+                                earlier_seconds + time.perf_counter() - start, eval_seconds)
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as exc:  # the run is recorded as it stopped; the invocation goes on
+        status = "diverged" if isinstance(exc, Diverged) else "failed"
+        failure = {"experience": current, "step": strategy.step, "reason": failure_reason(exc),
+                   "traceback": traceback.format_exc()}
+    wall = earlier_seconds + time.perf_counter() - start
 
     task_il = evaluator.task_il_matrix
-    params = params_to_dict(component.params)
-    origin = provenance(device, type(strategy).__module__)
-    # A run's identity: the device type (CPU and CUDA generators draw different streams) and the code.
-    setup = {**config.setup_identity(), "device": device.type, "code_version": code_version()}
+    completed = status == "completed"
     compute = strategy.compute
     return RunRecord(
-        run_key=_key([config.name, component.label, {"name": component.name, **params}, seed, setup,
-                      origin["strategy_package"]]),
-        setup_key=_key(setup, 16),
+        run_key=run_key(identity),
+        setup_key=_key(identity["setup"], 16),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        experiment=config.name, strategy=component.label, strategy_name=component.name, params=params, seed=seed,
-        status="completed", setting=scenario.setting,
+        experiment=config.name, strategy=component.label, strategy_name=component.name,
+        params=params_to_dict(component.params), seed=seed, status=status, setting=scenario.setting,
         matrix=_jsonable(evaluator.matrix), task_il_matrix=_jsonable(task_il) if task_il is not None else None,
-        metrics=Metrics(**compute_metrics(evaluator.matrix)),
-        task_il_metrics=Metrics(**compute_metrics(task_il)) if task_il is not None else None,
+        metrics=Metrics(**compute_metrics(evaluator.matrix)) if completed else Metrics.unmeasured(),
+        task_il_metrics=Metrics(**compute_metrics(task_il)) if completed and task_il is not None else None,
         budgets=Budgets(wall_seconds=wall, train_seconds=wall - eval_seconds, eval_seconds=eval_seconds,
                         memory_bytes=strategy.memory_bytes(), model_bytes=strategy.model_bytes(),
                         forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
                         eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes()),
         logs=strategy.logs.as_lists(T),
         scenario=scenario.description,
-        config={**config.setup(), "strategy": {"name": component.name, "label": component.label, **params},
+        config={**config.setup(), "strategy": {"name": component.name, "label": component.label,
+                                               **params_to_dict(component.params)},
                 "experiment_file": config.source, "description": config.description},
-        provenance=origin,
-        model_stats=strategy.model_statistics(),
+        provenance=provenance(device, type(strategy).__module__),
+        model_stats=strategy.model_statistics() if completed else {},
+        failure=failure,
     )
 
 
@@ -169,8 +236,11 @@ def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.device, progress: bool = True,
-                   log: Callable[[str], None] = print) -> list[RunRecord]:
-    """Run every (seed, strategy) of the experiment; each finished run is stored at once."""
+                   log: Callable[[str], None] = print, resume: bool = False) -> list[RunRecord]:
+    """Run every (seed, strategy) of the experiment; each finished run is stored at once. Every run
+    writes a checkpoint after each experience (in `store.checkpoint_root`, removed once the run is
+    stored). With `resume`, completed runs already in the store are skipped and keep their ids, and
+    unfinished ones continue from their last checkpoint."""
     datasets = load_datasets(config.datasets)
     records = []
     for i, seed in enumerate(config.seeds):
@@ -179,13 +249,30 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
         if i == 0:
             check_compatibility(config, scenario, pipeline)  # every strategy, before the first run trains
         for component in config.strategies:
-            record = run_one(config, component, scenario, seed, device, progress, pipeline)
-            record.id = store.write(record)
+            if resume:
+                done = store.completed(run_key(run_identity(config, component, seed, device)))
+                if done is not None:
+                    records.append(done)
+                    log(f"{describe_run(done)}  (already stored)")
+                    continue
+            folder = run_folder(store.checkpoint_root, config.name, component.label, seed)
+            record = run_one(config, component, scenario, seed, device, progress, pipeline, folder, resume)
+            stored = store.write_or_keep(record)
+            record.id = stored if isinstance(stored, int) else None
+            shutil.rmtree(folder, ignore_errors=True)  # finished: in the store, or kept in a file
             records.append(record)
-            m = record.metrics
-            log(f"run {record.id}: {component.label:<12} seed {seed}  ACC {_fmt(m.acc)}"
-                f"  BWT {_fmt(m.bwt)}  {record.budgets.wall_seconds:.1f}s")
+            log(describe_run(record) if record.id is not None else
+                f"{describe_run(record)}  NOT STORED (the store refused it): kept in {stored}")
     return records
+
+
+def describe_run(record: RunRecord) -> str:
+    """One line per finished run: its headline numbers, or where and why it stopped."""
+    head = f"run {'(not stored)' if record.id is None else record.id}: {record.strategy:<12} seed {record.seed}"
+    if record.failure is not None:
+        return f"{head}  {record.stopped()}"
+    m = record.metrics
+    return f"{head}  ACC {_fmt(m.acc)}  BWT {_fmt(m.bwt)}  {record.budgets.wall_seconds:.1f}s"
 
 
 def _fmt(v: float | None) -> str:

@@ -9,6 +9,7 @@ with the same key, so a run is stored completely or not at all.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,27 @@ COLUMNS = [c.name for c in runs.c if c.name not in ("id", "record")]
 
 
 class ResultStore:
-    def __init__(self, url: str = DEFAULT_STORE):
+    def __init__(self, url: str = DEFAULT_STORE, must_exist: bool = False, busy_timeout: float = 60.0):
+        """Open (and create, unless `must_exist`: the reading commands never create a store at a
+        mistyped path) the store at `url`. SQLite waits up to `busy_timeout` seconds for a lock
+        that another program holds."""
         self.url = url
         try:
             parsed = sa.engine.make_url(url)
         except ArgumentError:
             raise UserError(f"store URL {url!r} is not an SQLAlchemy URL; "
                             f"use e.g. {DEFAULT_STORE} or postgresql://user@host/db") from None
+        on_disk = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+        if must_exist and on_disk and not Path(parsed.database).is_file():
+            raise UserError(f"no result store at {parsed.database}; check --store, or create it with `cl run`")
         try:
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            if on_disk:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(parsed)
+            self.engine = sa.create_engine(parsed, connect_args={"timeout": busy_timeout}) \
+                if parsed.get_backend_name() == "sqlite" else sa.create_engine(parsed)
+            home = Path(parsed.database).parent if on_disk else Path("results")
+            self.spill_dir = home / "unsaved"  # runs the store refused (cl import)
+            self.checkpoint_root = home / "checkpoints"  # unfinished runs (cl run --resume)
             metadata.create_all(self.engine)
             existing = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
         except (SQLAlchemyError, ImportError, OSError) as exc:
@@ -65,6 +76,41 @@ class ResultStore:
         if missing:
             raise UserError(f"result store {url!r} was written by an older cl (no column {', '.join(missing)}); "
                             f"use a new --store file, or move the old one away")
+
+    def check_writable(self) -> None:
+        """Refuse, before anything trains, a store that cannot take a run (read-only file or folder,
+        no permission): a write transaction that changes nothing."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(runs.delete().where(runs.c.id == -1))
+        except SQLAlchemyError as exc:
+            raise UserError(f"result store {self.url!r} cannot be written: {str(exc).splitlines()[0]}; "
+                            f"fix its permissions or pass another --store") from None
+
+    def write_or_keep(self, record: RunRecord) -> int | Path:
+        """Store a finished run and return its id; if the store refuses it (still locked after the busy
+        timeout, gone read-only), keep the record as a JSON file in `spill_dir` for `cl import`, and
+        return that file's path instead. A finished run is never lost."""
+        try:
+            return self.write(record)
+        except SQLAlchemyError:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"run-{record.run_key[:16]}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record.to_json()))
+            tmp.replace(path)
+            return path
+
+    def import_file(self, path: Path) -> int:
+        """Store a run kept by `write_or_keep` (`cl import`); returns its id."""
+        try:
+            record = RunRecord.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise UserError(f"cannot import {path}: not a run kept by cl ({type(exc).__name__}: {exc})") from None
+        try:
+            return self.write(record)
+        except SQLAlchemyError as exc:
+            raise UserError(f"cannot write to result store {self.url!r}: {str(exc).splitlines()[0]}") from None
 
     def write(self, record: RunRecord) -> int:
         """Store one finished run atomically; returns its id."""
@@ -98,6 +144,13 @@ class ResultStore:
                 return [self._record(row) for row in conn.execute(query)]
         except OperationalError as exc:
             raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
+
+    def completed(self, run_key: str) -> RunRecord | None:
+        """The completed run with this key, if the store has one."""
+        query = sa.select(runs.c.id, runs.c.record).where(runs.c.run_key == run_key, runs.c.status == "completed")
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else self._record(row)
 
     def get(self, run_id: int) -> RunRecord:
         with self.engine.connect() as conn:

@@ -135,6 +135,8 @@ class Strategy:
         self.experience: Experience | None = None  # the experience being trained
         self.optimizer: torch.optim.Optimizer | None = None
         self.progress: Any = None  # set by the runner: an object with update(n)
+        self.loss_monitor: Any = None  # set by the runner: an object with add(loss) (cl.divergence.LossMonitor)
+        self.step = 0  # training steps taken in the current experience (where a failed run stopped)
         self._task_classes: torch.Tensor | None = None  # (tasks, classes) mask for task-IL training
         if self.stream.setting == "task-il" and self.training.task_il_mask:
             self._task_classes = torch.zeros(self.stream.n_tasks, self.stream.n_classes, dtype=torch.bool,
@@ -200,6 +202,7 @@ class Strategy:
     # ----- the training loop ------------------------------------------------------
     def fit(self, exp: Experience) -> None:
         self.experience = exp
+        self.step = 0
         if self._task_classes is not None:
             self._task_classes[exp.task_id, exp.classes] = True
         self.train()
@@ -264,9 +267,12 @@ class Strategy:
 
     def train_step(self, batch: Batch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
         out = self.loss(batch)
         if isinstance(out, torch.Tensor):
             out = StepOutput(out)
+        if self.loss_monitor is not None:
+            self.loss_monitor.add(out.loss.detach())
         out.loss.backward()
         self.adjust_gradients(batch, out)
         if self.training.grad_clip_norm > 0:

@@ -64,6 +64,7 @@ def test_runs_table_and_experiment_filter(run_tiny, cli, store_url, stored):
 
 
 def test_runs_on_empty_store(cli, store_url):
+    ResultStore(store_url)  # created, with no runs
     result = cli("runs", "--store", store_url)
     assert result.rc == 0 and f"no runs in {store_url}" in result.out
     assert cli("runs", "--json", "--store", store_url).json() == []
@@ -407,20 +408,22 @@ def test_usage_errors_are_one_line():
 
 
 def test_show_unknown_id(cli, store_url, one_line_error):
+    ResultStore(store_url)
     result = cli("show", "999", "--store", store_url)
     assert result.rc == 2
     assert "no run with id 999" in one_line_error(result.err)
 
 
-# ---------------------------------------------------------------- failed runs: exit 1, nothing stored
+# ---------------------------------------------------------------- failed runs: stored with their status, exit 1
 
 
-def test_nan_loss_fails_and_stores_nothing(run_tiny, one_line_error, stored):
-    result = run_tiny(None, "--set", "training.lr=1e30")
+def test_nan_loss_is_stored_as_diverged(run_tiny, tiny_raw, stored):
+    result = run_tiny(tiny_raw(strategies=[{"name": "naive"}]), "--set", "training.lr=1e30")
     assert result.rc == 1
-    line = one_line_error(result.err, prefix="cl: run failed:")
-    assert "naive (seed 0)" in line and "NaN" in line and "training.lr" in line
-    assert stored() == []
+    summary, line = result.err.strip().splitlines()
+    assert summary.startswith("cl: 1 of 1 runs did not complete")
+    assert "naive" in line and "diverged at experience 1" in line and "NaN/inf" in line and "training.lr" in line
+    assert [(r["strategy"], r["status"], r["acc"]) for r in stored()] == [("naive", "diverged", None)]
 
 
 class NanLoss(Strategy):
@@ -437,18 +440,18 @@ def nan_strategy(monkeypatch):
                         Entry("nan_loss", NanLoss, NoParams, "NaN loss", __name__))
 
 
-def test_runs_before_a_failure_stay_stored(run_tiny, tiny_raw, nan_strategy, one_line_error, stored):
+def test_the_runs_after_a_failure_still_run(run_tiny, tiny_raw, nan_strategy, stored):
     raw = tiny_raw(seeds=[0, 1], strategies=[{"name": "naive"}, {"name": "er", "buffer_size": 50},
                                              {"name": "nan_loss"}, {"name": "joint"}])
     result = run_tiny(raw)
     assert result.rc == 1
-    line = one_line_error(result.err, prefix="cl: run failed:")
-    assert "nan_loss (seed 0)" in line and "experience 1" in line
-    runs = stored()
-    assert [(r["strategy"], r["seed"], r["status"]) for r in runs] == [("naive", 0, "completed"),
-                                                                        ("er", 0, "completed")]
+    assert result.err.startswith("cl: 2 of 8 runs did not complete")
+    assert [(r["strategy"], r["seed"], r["status"]) for r in stored()] == [
+        ("naive", 0, "completed"), ("er", 0, "completed"), ("nan_loss", 0, "diverged"), ("joint", 0, "completed"),
+        ("naive", 1, "completed"), ("er", 1, "completed"), ("nan_loss", 1, "diverged"), ("joint", 1, "completed")]
     announced = [line.split()[2] for line in result.out.splitlines() if line.startswith("run ")]
-    assert announced == ["naive", "er"]  # no "run N: nan_loss" line, and seed 1 never started
+    assert announced == ["naive", "er", "nan_loss", "joint"] * 2
+    assert "nan_loss" not in result.out.split("strategy")[-1]  # not in the comparison table
 
 
 # ---------------------------------------------------------------- the real executable
@@ -463,16 +466,15 @@ def test_subprocess_exit_codes_and_one_line_errors(cl_subprocess, run_tiny, writ
 
     good = write_experiment(tiny_raw(strategies=[{"name": "naive"}]), name="good.toml")
     proc = cl_subprocess("run", good, "--store", store_url, "--no-progress", "--set", "training.lr=1e30")
-    assert proc.returncode == 1
-    one_line_error(proc.stderr, prefix="cl: run failed:")
-    assert stored() == []
+    assert proc.returncode == 1 and proc.stderr.startswith("cl: 1 of 1 runs did not complete")
+    assert [r["status"] for r in stored()] == ["diverged"]
 
     proc = cl_subprocess("show", "999", "--store", store_url)
     assert proc.returncode == 2
     assert "no run with id 999" in one_line_error(proc.stderr)
 
     assert run_tiny(tiny_raw(strategies=[{"name": "naive"}]), "--seeds", "5").rc == 0  # in-process, faster
-    (row,) = stored()
+    row = stored()[-1]
     proc = cl_subprocess("show", row["id"], "--store", store_url)
     assert proc.returncode == 0 and proc.stderr == ""
     assert "tiny / naive / seed 5 (completed)" in proc.stdout

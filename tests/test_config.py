@@ -378,9 +378,9 @@ def test_data_dir_applies_only_to_datasets_with_a_data_dir(tiny_raw, tmp_path):
     assert not hasattr(digits.params, "data_dir")  # digits has no data_dir and is not given one
 
 
-def test_data_dir_for_digits_only_is_ignored(tiny_raw):
-    config = build_experiment(tiny_raw(), data_dir="/nowhere")
-    assert config.datasets[0].as_dict() == {"name": "digits", "test_fraction": 0.2, "split_seed": 0}
+def test_data_dir_for_digits_only_is_refused(tiny_raw):
+    with pytest.raises(UserError, match="dataset 'digits' reads no files"):
+        build_experiment(tiny_raw(), data_dir="/nowhere")
 
 
 def test_data_dir_is_not_part_of_the_run_identity(tiny_raw):

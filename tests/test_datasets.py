@@ -325,3 +325,20 @@ def test_build_params_checks_types_and_ranges() -> None:
         build_params(ds.Mnist1dParams, {"n_samples": 205}, "dataset 'mnist1d'")
     with pytest.raises(UserError, match="empty"):
         build_params(ds.Mnist1dParams, {"n_samples": 10, "train_split": 0.05}, "dataset 'mnist1d'")
+
+
+def test_a_cifar_pickle_that_would_run_a_command_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(folder, n=1)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    with (folder / "data_batch_1").open("wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(UserError, match=r"corrupt CIFAR batch .*refusing to load (posix|os)\.system") as info:
+        ds.cifar10(ds.Cifar10Params(data_dir=str(tmp_path)))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()

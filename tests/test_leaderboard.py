@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from cl.leaderboard import generate
+from cl.leaderboard import _slug, generate
 from cl.runner import build_scenario, load_datasets, run_one
 from cl.store import ResultStore
 from tests.helpers import digits_experiment
@@ -24,7 +24,8 @@ def store(tmp_path_factory):
 
 def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path):
     paths = generate(store, tmp_path)
-    assert {p.name for p in paths} == {"README.md", "results.csv", "index.html", "test-digits.png"}
+    png = slug_png("test-digits")
+    assert {p.name for p in paths} == {"README.md", "results.csv", "index.html", png}
     runs = store.list_runs()
     er = [r["acc"] for r in runs if r["strategy"] == "er"]
     mean = sum(er) / 2
@@ -44,13 +45,13 @@ def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path)
         '{"buffer": "reservoir", "buffer_size": 50, "replay_batch_size": 10}'}
     assert all(r["code_version"].startswith("cl-bench ") for r in rows)
     html = (tmp_path / "index.html").read_text()
-    assert "<table>" in html and "test-digits.png" in html
-    assert (tmp_path / "test-digits.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<table>" in html and png in html
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_empty_store_gives_a_page_that_says_so(tmp_path):
     generate(ResultStore(f"sqlite:///{tmp_path}/empty.db"), tmp_path / "out", plots=False)
-    assert "No completed runs" in (tmp_path / "out" / "README.md").read_text()
+    assert "No runs in the store yet" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_runs_with_other_settings_are_never_averaged_together(tmp_path):
@@ -84,3 +85,25 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
     assert sum(line.startswith("## ") for line in md.splitlines()) == 2
     assert "code cl-bench 0.0.1 (feedbeef)" in md and f"code {record.provenance['code_version']}" in md
     assert md.count("| naive | 1 |") == 2  # one seed per section, not one row of two seeds
+
+
+def slug_png(title: str) -> str:
+    return f"{_slug(title)}.png"
+
+
+def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_collide(tmp_path):
+    store = ResultStore(f"sqlite:///{tmp_path}/runs.db")
+    for name in ("a b", "a-b", "=HYPERLINK(1)|<script>x</script>"):
+        cfg = digits_experiment([{"name": "naive"}], n_experiences=2)
+        cfg.name, cfg.description = name, "uses | pipes and <b>tags</b>"
+        scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+        store.write(run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False))
+    paths = generate(store, tmp_path / "board")
+    pngs = sorted(p.name for p in paths if p.suffix == ".png")
+    assert len(pngs) == 3 and pngs[0] != pngs[1]  # "a b" and "a-b" used to share a-b.png
+    md = (tmp_path / "board" / "README.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;" in md and "uses \\| pipes and &lt;b&gt;" in md
+    assert "<script>" not in (tmp_path / "board" / "index.html").read_text()
+    with open(tmp_path / "board" / "results.csv") as f:
+        experiments = {r["experiment"] for r in csv.DictReader(f)}
+    assert "'=HYPERLINK(1)|<script>x</script>" in experiments  # not run as a formula by a spreadsheet

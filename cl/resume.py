@@ -1,0 +1,120 @@
+"""Run checkpoints: what `cl run --resume` continues an interrupted run from.
+
+After every experience the runner writes one file per run, in a folder beside the result store
+(`checkpoints/<experiment>/<label>-seed<seed>-<hash>/checkpoint.pt`): the configuration it belongs
+to, the number of experiences done, the strategy's full state (`Strategy.state_dict`: model,
+optimizer, buffers, old models, its random generator), the evaluator's partial matrices, the loss
+monitor, the global random generators and the seconds spent. It is written atomically (temporary
+file, fsync, rename), so a kill leaves the previous checkpoint or the new one, never half of one,
+and it loads with `weights_only=True`. A checkpoint made with another configuration or code version
+is refused, naming what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cl.errors import UserError
+
+FORMAT = "cl-run-checkpoint/1"
+
+
+def run_folder(root: Path, experiment: str, label: str, seed: int) -> Path:
+    """The checkpoint folder of one (experiment, strategy label, seed): readable and collision-free."""
+    digest = hashlib.sha256(repr((experiment, label, seed)).encode()).hexdigest()[:8]
+    readable = [re.sub(r"[^A-Za-z0-9_.-]+", "-", part).strip("-.")[:60] or "x" for part in (experiment, label)]
+    return root / readable[0] / f"{readable[1]}-seed{seed}-{digest}"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two configurations, as "key: old -> new"."""
+    a, b = _flat(saved), _flat(current)
+    return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(none)") != b.get(k, "(none)")]
+
+
+def _global_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class RunCheckpoint:
+    def __init__(self, folder: Path, identity: dict[str, Any]):
+        self.folder = folder
+        self.path = folder / "checkpoint.pt"
+        self.identity = identity  # the configuration, code version and seed of the run
+
+    def save(self, experiences_done: int, strategy: Any, evaluator: Any, loss_monitor: Any,
+             seconds: float, eval_seconds: float) -> None:
+        """Write the checkpoint atomically: temporary file, fsync, rename, fsync of the folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        payload = {"format": FORMAT, "identity": self.identity, "experiences_done": experiences_done,
+                   "strategy": strategy.state_dict(), "evaluator": evaluator.state_dict(),
+                   "loss_monitor": loss_monitor.state_dict(), "rng": _global_rng_state(),
+                   "seconds": seconds, "eval_seconds": eval_seconds}
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.path)
+        folder = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is no checkpoint; a UserError for an unreadable one or
+        one made with another configuration (naming what changed)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated by hand, not a torch file
+            raise UserError(f"checkpoint {self.path} is unreadable ({type(exc).__name__}); delete that folder "
+                            f"to start the run again") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise UserError(f"{self.path} is not a run checkpoint of this cl; delete that folder to start again")
+        if state["identity"] != self.identity:
+            diff = changes(state["identity"], self.identity)
+            raise UserError(f"checkpoint {self.path} was made with another configuration ({'; '.join(diff[:3])}"
+                            f"{'; ...' if len(diff) > 3 else ''}); run without --resume to start over, or "
+                            f"restore the configuration")
+        return state
+
+    def restore(self, state: dict[str, Any], strategy: Any, evaluator: Any, loss_monitor: Any) -> None:
+        strategy.load_state_dict(state["strategy"])
+        evaluator.load_state_dict(state["evaluator"])
+        loss_monitor.load_state_dict(state["loss_monitor"])
+        _set_global_rng_state(state["rng"])
+

@@ -1,0 +1,312 @@
+"""Reliability: divergence rules, failed and diverged runs recorded without stopping the invocation."""
+import math
+
+import pytest
+import torch
+
+from cl.divergence import Diverged, DivergenceParams, LossMonitor, learned_nothing
+from cl.registry import STRATEGIES
+from cl.store import ResultStore
+
+
+def feed(monitor, losses):
+    for value in losses:
+        monitor.add(torch.tensor(value))
+
+
+def test_a_non_finite_loss_is_caught_at_the_next_check_not_before():
+    monitor = LossMonitor(DivergenceParams(check_every=4))
+    feed(monitor, [2.0, float("nan"), 2.0])  # no check yet: no host synchronisation per step
+    with pytest.raises(Diverged, match="NaN/inf"):
+        feed(monitor, [2.0])
+
+
+def test_the_loss_explodes_after_patience_windows_far_above_the_first():
+    # First loss 2.0 -> limit 10 x max(2.0, 1) = 20.
+    monitor = LossMonitor(DivergenceParams(check_every=2, factor=10.0, patience=3))
+    feed(monitor, [2.0, 3.0])
+    feed(monitor, [30.0, 30.0, 25.0, 25.0])  # two exploding windows (30, 25)
+    feed(monitor, [5.0, 5.0])  # back under the limit: the count restarts
+    feed(monitor, [21.0, 21.0, 21.0, 21.0])  # two more
+    with pytest.raises(Diverged, match=r"mean 50 over the last 2 steps, above 20 "):
+        feed(monitor, [50.0, 50.0])  # the third in a row
+
+
+def test_small_and_negative_losses_use_a_floor_of_one():
+    # A first loss of -0.2 (prompt losses can be negative): the limit is 10 x 1, not 10 x 0.2.
+    monitor = LossMonitor(DivergenceParams(check_every=1, factor=10.0, patience=1))
+    feed(monitor, [-0.2, 9.9, 0.5])
+    with pytest.raises(Diverged):
+        feed(monitor, [10.5])
+
+
+def test_learned_nothing_compares_with_the_majority_class():
+    assert learned_nothing(0.505, 0.5, 0.01) is not None  # within the margin of always answering one class
+    assert learned_nothing(0.52, 0.5, 0.01) is None
+    assert learned_nothing(0.1, 0.5, -1.0) is None  # a negative margin turns the rule off
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"factor": 0.5}, "factor must be a finite number > 1"),
+    ({"check_every": 0}, "check_every and patience must be >= 1"),
+    ({"learned_margin": math.nan}, "learned_margin must be a finite number"),
+])
+def test_bad_divergence_settings_are_one_line_errors(cli, tiny_raw, write_experiment, store_url, table, message):
+    result = cli("run", write_experiment(tiny_raw(divergence=table)), "--store", store_url, "--no-progress")
+    assert result.rc == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_repeated_seeds_are_refused(cli, tiny_raw, write_experiment, store_url):
+    result = cli("run", write_experiment(tiny_raw()), "--seeds", "0", "0", "--store", store_url, "--no-progress")
+    assert result.rc == 2 and "seed 0 is listed twice" in result.err
+
+
+@pytest.mark.parametrize("training", [
+    {"optimizer": "sgd", "lr": 1e6, "batch_size": 32, "epochs": 1},
+    {"optimizer": "sgd", "lr": 10.0, "batch_size": 32, "epochs": 1},
+    {"optimizer": "adam", "lr": 1e3, "batch_size": 32, "epochs": 1},
+])
+def test_a_diverging_run_is_stored_as_diverged_and_the_others_still_run(cli, tiny_raw, write_experiment,
+                                                                        store_url, tmp_path, training):
+    raw = tiny_raw(training=training, strategies=[{"name": "naive"}], divergence={"check_every": 5})
+    raw["seeds"] = [0, 1]
+    result = cli("run", write_experiment(raw), "--store", store_url, "--no-progress")
+    assert result.rc == 1
+    assert "2 of 2 runs did not complete" in result.err
+    runs = ResultStore(store_url).records()
+    assert [r.status for r in runs] == ["diverged", "diverged"]
+    assert all(r.metrics.acc is None and r.failure["experience"] >= 1 for r in runs)
+
+
+def test_a_failing_strategy_is_recorded_where_it_stopped(cli, tiny_raw, write_experiment, store_url, monkeypatch,
+                                                         tmp_path):
+    er = STRATEGIES.get("er").obj
+    original = er.after_step
+
+    def breaks_later(self, batch, out):
+        if self.experience.id == 1 and self.step == 3:
+            raise RuntimeError("boom: a bug in a plugin")
+        original(self, batch, out)
+
+    monkeypatch.setattr(er, "after_step", breaks_later)
+    result = cli("run", write_experiment(tiny_raw()), "--store", store_url, "--no-progress")
+    assert result.rc == 1
+    assert "1 of 3 runs did not complete" in result.err
+    assert "failed at experience 2, step 3: RuntimeError: boom: a bug in a plugin" in result.err
+    runs = {r.strategy: r for r in ResultStore(store_url).records()}
+    assert runs["naive"].status == runs["joint"].status == "completed"  # the run after it still ran
+    failed = runs["er"]
+    assert failed.status == "failed" and failed.failure["step"] == 3 and "breaks_later" in failed.failure["traceback"]
+    assert failed.matrix[1][0] is not None and failed.matrix[2][0] is None  # measured up to where it stopped
+    shown = cli("show", failed.id, "--store", store_url)
+    assert "failed at experience 2, step 3: RuntimeError: boom" in shown.out
+    board = cli("leaderboard", "--store", store_url, "--out", tmp_path / "board", "--no-plots")
+    assert board.rc == 0
+    text = (tmp_path / "board" / "README.md").read_text()
+    assert "- er seed 0: failed at experience 2, step 3: RuntimeError: boom" in text
+    table = text.split("Runs that did not complete")[0]
+    assert "| naive |" in table and "| er |" not in table  # never averaged into the table
+    assert "failed" in (tmp_path / "board" / "results.csv").read_text()
+
+
+def test_a_diverging_pretraining_stops_with_one_line(cli, tmp_path):
+    (tmp_path / "pre.toml").write_text(
+        f'name = "p"\nseed = 0\noutput = "{tmp_path / "p.pt"}"\n[dataset]\nname = "digits"\n[model]\nname = "mlp"\n'
+        f'[training]\nepochs = 3\nbatch_size = 16\noptimizer = "sgd"\nlr = 1e8\n')
+    result = cli("pretrain", tmp_path / "pre.toml", "--no-progress", "--device", "cpu")
+    assert result.rc == 1 and len(result.err.strip().splitlines()) == 1 and "diverg" not in result.out
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_reading_commands_never_create_a_store_at_a_mistyped_path(cli, tmp_path):
+    url = f"sqlite:///{tmp_path / 'typo' / 'cl.db'}"
+    for argv in (("runs", "--store", url), ("show", "1", "--store", url)):
+        result = cli(*argv)
+        assert result.rc == 2 and "no result store at" in result.err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_version_names_the_package_and_commit(cl_subprocess):
+    result = cl_subprocess("--version")
+    assert result.returncode == 0 and result.stdout.startswith("cl-bench ")
+
+
+def test_a_read_only_store_is_refused_before_training(cli, tiny_raw, write_experiment, tmp_path):
+    from cl.store import ResultStore
+    path = tmp_path / "ro.db"
+    ResultStore(f"sqlite:///{path}")
+    url = f"sqlite:///file:{path}?mode=ro&uri=true"  # read-only even for root, who ignores file modes
+    result = cli("run", write_experiment(tiny_raw()), "--store", url, "--no-progress")
+    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert "cannot be written" in result.err and "readonly" in result.err
+    assert "run " not in result.out  # nothing trained
+
+
+def test_a_lock_held_for_a_while_is_waited_for(cli, tiny_raw, write_experiment, store_url, tmp_path):
+    import sqlite3
+    import threading
+    ResultStore(store_url)
+    locked = threading.Event()
+
+    def hold_lock():
+        other = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        threading.Event().wait(1.5)
+        other.execute("COMMIT")
+        other.close()
+
+    thread = threading.Thread(target=hold_lock)
+    thread.start()
+    locked.wait()
+    result = cli("run", write_experiment(tiny_raw(strategies=[{"name": "naive"}])), "--store", store_url,
+                 "--no-progress")
+    thread.join()
+    assert result.rc == 0 and [r.status for r in ResultStore(store_url).records()] == ["completed"]
+
+
+def test_a_run_the_store_refuses_is_kept_in_a_file_and_imported_later(cli, tiny_raw, write_experiment,
+                                                                       store_url, tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+    real_write = ResultStore.write
+
+    def refuse(self, record):
+        raise OperationalError("INSERT INTO runs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(ResultStore, "write", refuse)
+    result = cli("run", write_experiment(tiny_raw(strategies=[{"name": "naive"}, {"name": "joint"}])),
+                 "--store", store_url, "--no-progress")
+    assert result.rc == 1 and "2 finished runs could not be written" in result.err
+    kept = sorted((tmp_path / "unsaved").glob("run-*.json"))
+    assert len(kept) == 2 and "NOT STORED" in result.out
+    monkeypatch.setattr(ResultStore, "write", real_write)
+    imported = cli("import", *kept, "--store", store_url)
+    assert imported.rc == 0
+    runs = ResultStore(store_url).records()
+    assert sorted(r.strategy for r in runs) == ["joint", "naive"] and all(r.metrics.acc > 0.3 for r in runs)
+    assert not any(path.exists() for path in kept)
+
+
+def test_importing_something_else_is_a_one_line_error(cli, store_url, tmp_path):
+    (tmp_path / "junk.json").write_text('{"not": "a run"}')
+    result = cli("import", tmp_path / "junk.json", "--store", store_url)
+    assert result.rc == 2 and "not a run kept by cl" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_cl_runs_keeps_its_columns_aligned_for_long_names(cli, tiny_raw, write_experiment, store_url):
+    raw = tiny_raw(name="an-experiment-name-much-longer-than-twenty-characters",
+                   strategies=[{"name": "naive", "label": "a_strategy_label_longer_than_fourteen"}, {"name": "joint"}])
+    assert cli("run", write_experiment(raw), "--store", store_url, "--no-progress").rc == 0
+    lines = cli("runs", "--store", store_url).out.splitlines()
+    starts = [line.index("status") if i == 0 else line.index("completed") for i, line in enumerate(lines)]
+    assert len(lines) == 3 and len(set(starts)) == 1
+    ends = {len(line) for line in lines}
+    assert len(ends) == 1  # the last numeric column ends at the same place
+
+
+def test_data_dir_for_a_dataset_that_reads_no_files_is_refused(cli, tiny_raw, write_experiment, store_url, tmp_path):
+    result = cli("run", write_experiment(tiny_raw()), "--data-dir", tmp_path, "--store", store_url, "--no-progress")
+    assert result.rc == 2 and "dataset 'digits' reads no files" in result.err
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def matrices(store_url):
+    return {(r.strategy, r.seed): (r.matrix, r.task_il_matrix, r.budgets.forward_samples)
+            for r in ResultStore(store_url).records()}
+
+
+SGD = {"epochs": 2, "batch_size": 32, "lr": 0.1}
+FAMILIES = {
+    "replay": ([{"name": "naive"}, {"name": "er", "buffer_size": 50, "replay_batch_size": 10}], SGD),
+    "gem": ([{"name": "gem", "memory_per_task": 20}, {"name": "agem", "memory_per_task": 20, "sample_size": 16}], SGD),
+    "distillation": ([{"name": "lwf"}, {"name": "icarl", "buffer_size": 50}, {"name": "der", "buffer_size": 50},
+                      {"name": "der_pp", "buffer_size": 50}], SGD),
+    "regularisation": ([{"name": "ewc"}, {"name": "si"}], {"epochs": 2, "batch_size": 32, "lr": 0.05}),
+    "hnet": ([{"name": "hnet", "chunk_size": 0, "hidden": [8]}],
+             {"epochs": 4, "batch_size": 32, "optimizer": "adam", "lr": 0.003}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_interrupted_invocation_resumes_to_the_same_results_bit_for_bit(cli, tiny_raw, write_experiment,
+                                                                           tmp_path, monkeypatch, family):
+    from cl.resume import RunCheckpoint
+    strategies, training = FAMILIES[family]
+    raw = tiny_raw(strategies=strategies, scenario={"name": "class_incremental", "n_experiences": 4},
+                   training=training)
+    path = write_experiment(raw)
+    whole = f"sqlite:///{tmp_path}/whole.db"
+    assert cli("run", path, "--store", whole, "--no-progress").rc == 0
+
+    save = RunCheckpoint.save
+
+    def interrupt_after_the_second(self, experiences_done, *args):
+        save(self, experiences_done, *args)
+        if experiences_done == 2 and self.identity["label"] == strategies[-1].get("label", strategies[-1]["name"]):
+            raise KeyboardInterrupt  # Ctrl-C in the last strategy's run, after its 2nd checkpoint
+
+    monkeypatch.setattr(RunCheckpoint, "save", interrupt_after_the_second)
+    parts = f"sqlite:///{tmp_path}/parts.db"
+    first = cli("run", path, "--store", parts, "--no-progress")
+    assert first.rc == 130 and "--resume" in first.err
+    ids_before = {r["strategy"]: r["id"] for r in ResultStore(parts).list_runs()}
+    assert len(ids_before) == len(strategies) - 1  # the interrupted run left no record
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    second = cli("run", path, "--store", parts, "--no-progress", "--resume")
+    assert second.rc == 0 and second.out.count("(already stored)") == len(strategies) - 1
+    assert matrices(parts) == matrices(whole)
+    assert {r["strategy"]: r["id"] for r in ResultStore(parts).list_runs() if r["strategy"] in ids_before} \
+        == ids_before  # finished runs keep their ids
+    assert not any((tmp_path / "checkpoints").rglob("*.pt"))  # removed once stored
+
+
+def test_a_killed_run_resumes_exactly(cl_subprocess, tiny_raw, write_experiment, tmp_path):
+    """SIGKILL after the second experience's checkpoint, in a real process."""
+    import signal
+    import subprocess
+    import time
+    from tests.conftest import CL_EXE
+    raw = tiny_raw(strategies=[{"name": "er", "buffer_size": 50, "replay_batch_size": 10}],
+                   scenario={"name": "class_incremental", "n_experiences": 5},
+                   training={"epochs": 40, "batch_size": 32, "lr": 0.05})
+    path = write_experiment(raw)
+    whole, parts = f"sqlite:///{tmp_path}/whole.db", f"sqlite:///{tmp_path}/parts.db"
+    assert cl_subprocess("run", path, "--store", whole, "--no-progress").returncode == 0
+    proc = subprocess.Popen([str(CL_EXE), "run", str(path), "--store", parts, "--no-progress"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = next(iter([]), None)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "checkpoints").rglob("checkpoint.pt"))
+        if found and torch.load(found[0], weights_only=True)["experiences_done"] >= 2:
+            checkpoint = found[0]
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert checkpoint is not None and proc.returncode == -signal.SIGKILL, "the run finished before the kill"
+    assert ResultStore(parts).list_runs() == []
+    resumed = cl_subprocess("run", path, "--store", parts, "--no-progress", "--resume")
+    assert resumed.returncode == 0
+    assert matrices(parts) == matrices(whole)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli, tiny_raw, write_experiment,
+                                                                           store_url, tmp_path, monkeypatch):
+    from cl.resume import RunCheckpoint
+    path = write_experiment(tiny_raw(strategies=[{"name": "naive"}],
+                                     scenario={"name": "class_incremental", "n_experiences": 3}))
+    save = RunCheckpoint.save
+
+    def interrupt(self, *args):
+        save(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "save", interrupt)
+    assert cli("run", path, "--store", store_url, "--no-progress").rc == 130
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    result = cli("run", path, "--store", store_url, "--no-progress", "--resume", "--set", "training.lr=0.2")
+    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert "another configuration (setup.training.lr: 0.1 -> 0.2" in result.err

@@ -189,3 +189,32 @@ def test_on_the_protocol_prompts_beat_fine_tuning_over_three_seeds(tmp_path):
     for l2p, dual, naive in zip(runs["l2p"], runs["dualprompt"], runs["naive"]):
         assert l2p.acc > naive.acc and l2p.forgetting < naive.forgetting
         assert dual.forgetting < naive.forgetting
+
+
+@pytest.mark.parametrize("interrupted", ["l2p", "dualprompt"])
+def test_an_interrupted_prompt_run_resumes_bit_for_bit(pretrained, tmp_path, monkeypatch, interrupted):
+    """The runner's checkpoints (cl/resume.py) hold everything l2p and dualprompt need."""
+    from cl.cli import main
+    from cl.resume import RunCheckpoint
+    from cl.store import ResultStore
+    path = tmp_path / "prompts.toml"
+    path.write_text(f'name = "p"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
+                    f'n_experiences = 3\n[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
+                    f'checkpoint = "{pretrained}"\n[training]\nepochs = 2\nbatch_size = 32\noptimizer = "adam"\n'
+                    f'lr = 0.01\n[[strategies]]\nname = "l2p"\npool_size = 6\ntop_k = 2\nprompt_length = 3\n'
+                    f'[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [0]\n')
+    whole, parts = f"sqlite:///{tmp_path}/whole.db", f"sqlite:///{tmp_path}/parts.db"
+    assert main(["run", str(path), "--store", whole, "--no-progress"]) == 0
+    save = RunCheckpoint.save
+
+    def interrupt(self, experiences_done, *args):
+        save(self, experiences_done, *args)
+        if experiences_done == 2 and self.identity["label"] == interrupted:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "save", interrupt)
+    assert main(["run", str(path), "--store", parts, "--no-progress"]) == 130
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    assert main(["run", str(path), "--store", parts, "--no-progress", "--resume"]) == 0
+    runs = {s: {r.strategy: (r.matrix, r.task_il_matrix) for r in ResultStore(s).records()} for s in (whole, parts)}
+    assert runs[parts] == runs[whole] and len(runs[whole]) == 2

@@ -32,7 +32,8 @@ class PrintVersion(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
         from cl.provenance import code_version
-        parser.exit(0, code_version() + "\n")
+        print(code_version())
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

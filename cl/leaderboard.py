@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cl.errors import UserError
 from cl.record import RunRecord
 from cl.report import comparison_table, label_variants
 from cl.store import ResultStore
@@ -100,7 +101,14 @@ def _plot(name: str, runs: list[tuple[str, RunRecord]], path: Path) -> None:
 def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """Write the leaderboard files for every experiment in the store; returns the paths written."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".cl-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"leaderboard --out {out}: cannot write there ({exc.strerror or exc}); "
+                        f"pass a folder you can write to") from None
     records = store.records()
     written = []
     md = ["# Leaderboard", "",

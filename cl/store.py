@@ -23,6 +23,10 @@ DEFAULT_STORE = "sqlite:///results/cl.db"
 HEADLINE = ("acc", "task_il_acc", "bwt", "fwt", "forgetting", "avg_inc_acc")
 BUDGET_COLUMNS = ("wall_seconds", "memory_bytes", "model_bytes", "forward_samples", "backward_samples")
 
+# Import names of SQLAlchemy's database drivers -> the PyPI package that provides them.
+DRIVER_PACKAGES = {"psycopg": "psycopg", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "pymysql"}
+
 metadata = sa.MetaData()
 runs = sa.Table(
     "runs", metadata,
@@ -69,7 +73,11 @@ class ResultStore:
             self.checkpoint_root = home / "checkpoints"  # unfinished runs (cl run --resume)
             metadata.create_all(self.engine)
             existing = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
-        except (SQLAlchemyError, ImportError, OSError) as exc:
+        except ImportError as exc:  # the URL's database driver is not installed
+            module = (exc.name or "the driver").split(".")[0]
+            raise UserError(f"cannot open result store {url!r}: its database driver {module!r} is not installed; "
+                            f"pip install {DRIVER_PACKAGES.get(module, module)}, or use a sqlite:/// URL") from None
+        except (SQLAlchemyError, OSError) as exc:
             first = str(exc).splitlines()[0]
             raise UserError(f"cannot open result store {url!r}: {first}") from None
         missing = sorted(set(COLUMNS) - existing)

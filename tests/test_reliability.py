@@ -310,3 +310,16 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli,
     result = cli("run", path, "--store", store_url, "--no-progress", "--resume", "--set", "training.lr=0.2")
     assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
     assert "another configuration (setup.training.lr: 0.1 -> 0.2" in result.err
+
+
+def test_a_missing_database_driver_is_named_with_the_package_to_install(cli):
+    result = cli("runs", "--store", "postgresql://user@localhost/cl")
+    assert result.rc == 2 and "driver 'psycopg' is not installed; pip install psycopg" in result.err
+
+
+def test_leaderboard_out_on_a_file_is_a_one_line_error(cli, store_url, tmp_path):
+    ResultStore(store_url)
+    (tmp_path / "taken").write_text("a file")
+    result = cli("leaderboard", "--store", store_url, "--out", tmp_path / "taken", "--no-plots")
+    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert "leaderboard --out" in result.err and "cannot write there" in result.err

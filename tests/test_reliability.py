@@ -276,7 +276,7 @@ def test_a_killed_run_resumes_exactly(cl_subprocess, tiny_raw, write_experiment,
     assert cl_subprocess("run", path, "--store", whole, "--no-progress").returncode == 0
     proc = subprocess.Popen([str(CL_EXE), "run", str(path), "--store", parts, "--no-progress"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = next(iter([]), None)
+    checkpoint = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((tmp_path / "checkpoints").rglob("checkpoint.pt"))

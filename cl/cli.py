@@ -18,10 +18,43 @@ LISTABLE = ("strategies", "scenarios", "datasets", "models", "training", "transf
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2) like every other bad input."""
+    """argparse, but a usage error is one line (and exit code 2) like every other bad input, and an
+    option given twice is refused (argparse would keep the last silently) unless it is declared
+    `action="append"` (`--set`, `--strategy`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, StoreOnce)
+        self.register("action", "store", StoreOnce)
+        self.register("action", "store_true", StoreTrueOnce)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """The message with line breaks and other unprintable characters (from user input) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def _first_time(action: argparse.Action, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                option_string: str | None) -> None:
+    given = namespace.__dict__.setdefault("_options_given", set())
+    if option_string is not None and action.dest in given:
+        parser.error(f"{option_string} is given twice; give it once (only --set and --strategy repeat)")
+    given.add(action.dest)
+
+
+class StoreOnce(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _first_time(self, parser, namespace, option_string)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class StoreTrueOnce(argparse._StoreTrueAction):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _first_time(self, parser, namespace, option_string)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class PrintVersion(argparse.Action):
@@ -45,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="experiment TOML file, e.g. experiments/quickstart.toml")
     run.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the file)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a value, e.g. training.lr=0.05 or strategies.er.buffer_size=200")
+                     help="override a value (repeatable), e.g. training.lr=0.05 or strategies.er.buffer_size=200")
     run.add_argument("--strategy", dest="strategies", action="append", metavar="NAME",
                      help="run only this strategy of the file (repeatable)")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLAlchemy URL of the result store ({DEFAULT_STORE})")
@@ -174,7 +207,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"    settings: {', '.join(obj.supported_settings)}; models: {obj.models_description()}")
         for p in describe_params(params):
             default = "required" if p["required"] else f"default {p['default']!r}"
-            print(f"    {p['name']} ({p['type']}, {default}): {p['doc']}")
+            kind = f"{p['type']} {p['range']}" if p["range"] else p["type"]
+            print(f"    {p['name']} ({kind}, {default}): {p['doc']}")
     return 0
 
 
@@ -265,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"cl: error: {exc}", file=sys.stderr)
+        print(f"cl: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except RunError as exc:
-        print(f"cl: run failed: {exc}", file=sys.stderr)
+        print(f"cl: run failed: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `cl runs | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cl.errors import UserError
 from cl.transforms import SampleTransform
 
 SETTINGS = ("class-il", "task-il", "domain-il")
@@ -31,6 +32,20 @@ class LabelledData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def check(self, where: str) -> None:
+        """Refuse data no scenario can use: no training or test samples, inputs and labels of
+        different lengths, labels outside 0..n_classes-1 (a UserError naming `where`)."""
+        for split, x, y in (("training", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if len(y) == 0:
+                raise UserError(f"{where}: dataset {self.name!r} has no {split} samples; check its files "
+                                f"(data_dir) or its split parameters")
+            if len(x) != len(y):
+                raise UserError(f"{where}: dataset {self.name!r} has {len(x)} {split} inputs but {len(y)} labels; "
+                                f"check its files")
+            if int(y.min()) < 0 or int(y.max()) >= self.n_classes:
+                raise UserError(f"{where}: dataset {self.name!r} has {split} labels outside 0..{self.n_classes - 1} "
+                                f"(found {int(y.min())}..{int(y.max())}); fix the labels or the dataset's n_classes")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n_train": len(self.y_train), "n_test": len(self.y_test),

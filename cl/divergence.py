@@ -19,7 +19,6 @@ looked at once per window and at the end of each experience.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -35,19 +34,12 @@ class Diverged(RunError):
 class DivergenceParams:
     """The `[divergence]` table of an experiment."""
 
-    check_every: int = param(50, "training steps per check window (one host synchronisation each)")
-    factor: float = param(10.0, "a window whose mean loss exceeds factor * max(|first step's loss|, 1) explodes")
-    patience: int = param(3, "consecutive exploding windows that mark a run diverged")
+    check_every: int = param(50, "training steps per check window (one host synchronisation each)", low=1)
+    factor: float = param(10.0, "a window whose mean loss exceeds factor * max(|first step's loss|, 1) explodes",
+                          above=1)
+    patience: int = param(3, "consecutive exploding windows that mark a run diverged", low=1)
     learned_margin: float = param(0.01, "after training an experience, its accuracy must exceed the share of "
                                         "its most common test class by more than this; negative = off")
-
-    def validate(self) -> None:
-        if self.check_every < 1 or self.patience < 1:
-            raise ValueError(f"check_every and patience must be >= 1, got {self.check_every}, {self.patience}")
-        if not (math.isfinite(self.factor) and self.factor > 1):
-            raise ValueError(f"factor must be a finite number > 1, got {self.factor}")
-        if not math.isfinite(self.learned_margin):
-            raise ValueError(f"learned_margin must be a finite number, got {self.learned_margin}")
 
 
 class LossMonitor:

@@ -74,7 +74,7 @@ class ModelParams:
 
 @dataclasses.dataclass
 class MLPParams(ModelParams):
-    hidden: list[int] = param([100, 100], "sizes of the hidden layers")
+    hidden: list[int] = param([100, 100], "sizes of the hidden layers", low=1)
 
 
 @register_model("mlp", params=MLPParams)
@@ -90,8 +90,8 @@ def mlp(p: MLPParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int
 
 @dataclasses.dataclass
 class CNNParams(ModelParams):
-    channels: list[int] = param([32, 64], "output channels of the 3x3 conv + 2x2 max-pool blocks")
-    hidden: int = param(256, "width of the fully connected layer before the head")
+    channels: list[int] = param([32, 64], "output channels of the 3x3 conv + 2x2 max-pool blocks", low=1)
+    hidden: int = param(256, "width of the fully connected layer before the head", low=1)
 
 
 @register_model("cnn", params=CNNParams)
@@ -130,7 +130,7 @@ class BasicBlock(nn.Module):
 
 @dataclasses.dataclass
 class ResNetParams(ModelParams):
-    width: int = param(20, "channels of the first stage (20 = GEM/A-GEM's reduced ResNet-18; 64 = full)")
+    width: int = param(20, "channels of the first stage (20 = GEM/A-GEM's reduced ResNet-18; 64 = full)", low=1)
 
 
 @register_model("resnet18_reduced", params=ResNetParams)
@@ -151,17 +151,15 @@ def resnet18_reduced(p: ResNetParams, input_shape: tuple[int, ...], n_classes: i
 
 @dataclasses.dataclass
 class ViTParams(ModelParams):
-    patch_size: int = param(4, "side of the square patches (must divide the input's height and width)")
-    width: int = param(64, "token width (embedding dimension)")
-    depth: int = param(4, "transformer blocks")
-    heads: int = param(4, "attention heads (must divide width)")
-    mlp_ratio: float = param(2.0, "hidden width of each block's MLP, as a multiple of width")
+    patch_size: int = param(4, "side of the square patches (must divide the input's height and width)", low=1)
+    width: int = param(64, "token width (embedding dimension)", low=1)
+    depth: int = param(4, "transformer blocks", low=1)
+    heads: int = param(4, "attention heads (must divide width)", low=1)
+    mlp_ratio: float = param(2.0, "hidden width of each block's MLP, as a multiple of width", above=0)
     checkpoint: str = param("", "backbone weights to start from: a file written by `cl pretrain`, or a timm-format "
                                 "ViT state dict (its head is ignored); empty = random initialisation")
 
     def validate(self) -> None:
-        if min(self.patch_size, self.width, self.depth, self.heads) < 1 or self.mlp_ratio <= 0:
-            raise ValueError("patch_size, width, depth and heads must be >= 1 and mlp_ratio > 0")
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
 

@@ -3,32 +3,68 @@
 Every registered thing (strategy, model, dataset, scenario generator) declares
 its parameters as a dataclass whose fields are made with `param(default, doc)`,
 or `required(doc)` for a parameter without a default (declare those first, or
-make the dataclass `kw_only`). `build_params` turns a plain dict (from a TOML
-file or `--set`) into an instance, rejecting unknown keys, missing required
-keys and wrong types with a message that lists the valid keys and their types,
-then calls the instance's `validate()` method, if it has one: raise
-`ValueError("what is wrong; how to fix it")` there for constraints between values.
+make the dataclass `kw_only`). A numeric parameter may declare its range:
+`low`/`high` are inclusive bounds, `above`/`below` exclusive ones, and they
+apply to every element of a list or table of numbers (`param([100], "widths",
+low=1)`). `build_params` turns a plain dict (from a TOML file or `--set`) into
+an instance, rejecting unknown keys, missing required keys, wrong types,
+non-finite floats (TOML's nan and inf) and values out of range with a message
+that lists the valid keys and their types, then calls the instance's
+`validate()` method, if it has one: raise `ValueError("what is wrong; how to
+fix it")` there for constraints between values.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from cl.errors import UserError
 
 
-def param(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a one-line doc (lists are copied)."""
+def _metadata(doc: str, low: float | None, high: float | None, above: float | None,
+              below: float | None) -> dict[str, Any]:
+    bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("below", below)) if v is not None}
+    return {"doc": doc, **({"bounds": bounds} if bounds else {})}
+
+
+def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+          above: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field with a default, a one-line doc and an optional range (lists are copied)."""
+    metadata = _metadata(doc, low, high, above, below)
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def required(doc: str) -> Any:
-    """A dataclass field that must be given (no default), with a one-line doc."""
-    return dataclasses.field(metadata={"doc": doc})
+def required(doc: str, *, low: float | None = None, high: float | None = None, above: float | None = None,
+             below: float | None = None) -> Any:
+    """A dataclass field that must be given (no default), with a one-line doc and an optional range."""
+    return dataclasses.field(metadata=_metadata(doc, low, high, above, below))
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """`>= 1`, `> 0`, `in [0, 1)`: the range a field declares, as `cl list` and errors print it."""
+    lower = ("[", bounds["low"]) if "low" in bounds else ("(", bounds["above"]) if "above" in bounds else None
+    upper = ("]", bounds["high"]) if "high" in bounds else (")", bounds["below"]) if "below" in bounds else None
+    if lower and upper:
+        return f"in {lower[0]}{lower[1]:g}, {upper[1]:g}{upper[0]}"
+    if lower:
+        return f"{'>=' if lower[0] == '[' else '>'} {lower[1]:g}"
+    return f"{'<=' if upper[0] == ']' else '<'} {upper[1]:g}"
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers in a value: itself, or the elements of a list or table (booleans are not numbers)."""
+    items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _in_range(x: float, bounds: dict[str, float]) -> bool:
+    return (x >= bounds.get("low", -math.inf) and x <= bounds.get("high", math.inf)
+            and ("above" not in bounds or x > bounds["above"]) and ("below" not in bounds or x < bounds["below"]))
 
 
 @dataclasses.dataclass
@@ -119,8 +155,10 @@ def describe_params(cls: type) -> list[dict[str, Any]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
+        bounds = f.metadata.get("bounds")
         rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
-                     "required": _is_required(f), "doc": f.metadata.get("doc", "")})
+                     "required": _is_required(f), "doc": f.metadata.get("doc", ""),
+                     "range": range_text(bounds) if bounds else ""})
     return rows
 
 
@@ -156,18 +194,34 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
             raise UserError(f"{where}: {key} must be {type_name(hints[key])}, got {value!r}")
         kwargs[key] = converted
     instance = cls(**kwargs)
+    check_params(instance, where)
+    return instance
+
+
+def check_params(instance: Any, where: str) -> None:
+    """Every number of `instance` finite and in its field's declared range, then its `validate()`;
+    a UserError naming the field otherwise. `build_params` runs it; so can code that builds
+    parameters itself."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        numbers = _numbers(value)
+        if not all(math.isfinite(x) for x in numbers):
+            raise UserError(f"{where}: {f.name} must be finite, got {value!r}; give a number")
+        bounds = f.metadata.get("bounds")
+        if bounds and not all(_in_range(x, bounds) for x in numbers):
+            each = " (each value)" if isinstance(value, (list, dict)) else ""
+            raise UserError(f"{where}: {f.name} must be {range_text(bounds)}{each}, got {value!r}")
     validate = getattr(instance, "validate", None)
     if callable(validate):
         try:
             validate()
         except ValueError as exc:
             raise UserError(f"{where}: {exc}") from None
-    return instance
 
 
 def params_to_dict(instance: Any) -> dict[str, Any]:
     return dataclasses.asdict(instance) if dataclasses.is_dataclass(instance) else {}
 
 
-__all__ = ["param", "required", "NoParams", "build_params", "describe_params", "params_to_dict", "type_name",
-           "valid_keys_text"]
+__all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "params_to_dict", "range_text",
+           "type_name", "valid_keys_text"]

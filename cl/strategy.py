@@ -167,6 +167,12 @@ class Strategy:
         return None
 
     @classmethod
+    def stored_samples(cls, params: Any, stream: StreamInfo) -> int:
+        """How many samples (input and a row of logits each) the strategy keeps at most; the runner's
+        memory check counts them before anything is allocated (cl/footprint.py). Default: none."""
+        return 0
+
+    @classmethod
     def models_description(cls) -> str:
         """The models the strategy works with, as `cl list strategies` prints them."""
         return "any" if cls.supported_models is None else ", ".join(cls.supported_models)

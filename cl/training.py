@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import weakref
 from typing import Any, Callable, Iterator, Literal
 
@@ -31,35 +30,22 @@ from cl.params import param
 class TrainingParams:
     """How each experience is trained (the `[training]` table of an experiment)."""
 
-    epochs: int = param(1, "passes over each experience")
-    batch_size: int = param(10, "samples per step from the current experience")
+    epochs: int = param(1, "passes over each experience", low=1)
+    batch_size: int = param(10, "samples per step from the current experience", low=1)
     optimizer: Literal["sgd", "adam"] = param("sgd", "optimizer")
-    lr: float = param(0.01, "learning rate")
-    momentum: float = param(0.0, "SGD momentum")
-    weight_decay: float = param(0.0, "L2 penalty")
+    lr: float = param(0.01, "learning rate", above=0)
+    momentum: float = param(0.0, "SGD momentum", low=0, below=1)
+    weight_decay: float = param(0.0, "L2 penalty: weight_decay * weights added to each gradient", low=0, below=1)
     optimizer_policy: Literal["reset", "keep"] = param(
         "reset", "reset: a fresh optimizer state at every experience (Mammoth, Avalanche); keep: one for the run")
-    grad_clip_norm: float = param(0.0, "clip the global gradient norm to this value before each step; 0 = off")
+    grad_clip_norm: float = param(0.0, "clip the global gradient norm to this value before each step; 0 = off",
+                                   low=0)
     freeze: list[str] = param([], "parameter-name prefixes that are not trained, e.g. [\"features\"]")
-    lr_scale: dict[str, float] = param({}, "learning-rate multiplier per parameter-name prefix, e.g. {head = 10.0}")
+    lr_scale: dict[str, float] = param({}, "learning-rate multiplier per parameter-name prefix, e.g. {head = 10.0}; "
+                                           "use freeze to stop training parameters", above=0)
     task_il_mask: bool = param(True, "task-IL scenarios: train each sample's logits over its task's classes "
                                      "only (as the GEM code does); false = over all classes")
-    eval_batch_size: int = param(2000, "samples per forward pass during evaluation")
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        for name in ("momentum", "weight_decay", "grad_clip_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for prefix, scale in self.lr_scale.items():
-            if not (math.isfinite(scale) and scale > 0):
-                raise ValueError(f"lr_scale.{prefix} must be a finite number > 0, got {scale}; "
-                                 f"use freeze to stop training parameters")
+    eval_batch_size: int = param(2000, "samples per forward pass during evaluation", low=1)
 
 
 def _matches(name: str, prefix: str) -> bool:

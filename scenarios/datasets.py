@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import pickle
 import random
 import zlib
@@ -112,14 +113,15 @@ def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float,
     """Shuffled split with the same class proportions on both sides (deterministic in `seed`)."""
     from sklearn.model_selection import train_test_split
 
+    n, n_classes = len(y), len(np.unique(y))
+    n_test = math.ceil(test_fraction * n)  # as scikit-learn rounds
+    if min(n_test, n - n_test) < n_classes:
+        raise UserError(f"test_fraction {test_fraction} puts {n_test} of {n} samples in the test set and "
+                        f"{n - n_test} in the training set; each needs at least one per class ({n_classes}), "
+                        f"so choose test_fraction in [{n_classes / n:.3g}, {1 - n_classes / n:.3g}]")
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y, shuffle=True, random_state=seed)
     return x_train, y_train, x_test, y_test
-
-
-def check_fraction(value: float, name: str) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
 
 
 # ---------------------------------------------------------------- IDX datasets
@@ -253,11 +255,8 @@ def cifar100(p: Cifar100Params) -> LabelledData:
 
 @dataclasses.dataclass
 class SplitParams:
-    test_fraction: float = param(0.2, "fraction of each class held out for the test set")
-    split_seed: int = param(0, "seed of the stratified train/test split")
-
-    def validate(self) -> None:
-        check_fraction(self.test_fraction, "test_fraction")
+    test_fraction: float = param(0.2, "fraction of each class held out for the test set", above=0, below=1)
+    split_seed: int = param(0, "seed of the stratified train/test split", low=0, below=2**32)
 
 
 @register_dataset("mnist5k", params=SplitParams)
@@ -301,14 +300,15 @@ def digits(p: SplitParams) -> LabelledData:
 
 @dataclasses.dataclass
 class Mnist1dParams:
-    n_samples: int = param(5000, "number of generated samples (a multiple of 10: n/10 per class)")
-    train_split: float = param(0.8, "fraction of the (shuffled) samples used for training")
-    seed: int = param(42, "generator seed (the global random and np.random states are restored afterwards)")
+    n_samples: int = param(5000, "number of generated samples (a multiple of 10: n/10 per class)", low=10,
+                           high=10_000_000)
+    train_split: float = param(0.8, "fraction of the (shuffled) samples used for training", above=0, below=1)
+    seed: int = param(42, "generator seed (the global random and np.random states are restored afterwards)",
+                      low=0, below=2**32)
 
     def validate(self) -> None:
-        if self.n_samples < 10 or self.n_samples % 10:
-            raise ValueError(f"n_samples must be a positive multiple of 10, got {self.n_samples}")
-        check_fraction(self.train_split, "train_split")
+        if self.n_samples % 10:
+            raise ValueError(f"n_samples must be a multiple of 10, got {self.n_samples}")
         if not 0 < int(self.n_samples * self.train_split) < self.n_samples:
             raise ValueError(f"train_split {self.train_split} leaves an empty train or test set "
                              f"with n_samples {self.n_samples}")

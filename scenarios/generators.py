@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from cl.data import Experience, LabelledData, Scenario
 from cl.errors import UserError
-from cl.params import param
+from cl.params import check_params, param
 from cl.registry import register_scenario
 from cl.seeding import spawn_seeds
 from cl.transforms import Permutation, Rotation, SampleTransform, to_float
 
 SEED_DOC = "scenario seed; none = the run's seed"
+MAX_EXPERIENCES = 1000  # beyond this the (T+1) x T evaluation alone is absurd on any machine
 
 
 # ---------------------------------------------------------------- helpers
@@ -60,32 +61,15 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 def _validate(name: str, p: Any) -> None:
-    """Run `p.validate()` (also run by build_params) for direct callers."""
-    try:
-        p.validate()
-    except ValueError as exc:
-        raise UserError(f"scenario {name!r}: {exc}") from None
+    """Check `p`'s ranges and run its `validate()` (as build_params does) for direct callers."""
+    check_params(p, f"scenario {name!r}")
 
 
 def _one_dataset(name: str, datasets: list[LabelledData]) -> LabelledData:
     if len(datasets) != 1:
         raise UserError(f"scenario {name!r} takes one dataset, got {len(datasets)}")
+    datasets[0].check(f"scenario {name!r}")
     return datasets[0]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}; set {name} to a positive integer")
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}; set {name} between 0 and 1")
-
-
-def _check_count(name: str, value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = all samples), got {value}")
 
 
 def _random_subset(name: str, key: str, n_total: int, k: int, gen: torch.Generator) -> torch.Tensor | None:
@@ -141,13 +125,6 @@ def _scenario(name: str, p: Any, seed: int, datasets: list[LabelledData], train:
                     task_labels_at_test=task_labels_at_test, description=description)
 
 
-def _check_labels(name: str, d: LabelledData) -> None:
-    for y in (d.y_train, d.y_test):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= d.n_classes):
-            raise UserError(f"scenario {name!r}: dataset {d.name!r} has labels outside 0..{d.n_classes - 1}; "
-                            f"fix the dataset's labels or its n_classes")
-
-
 def _class_order(name: str, n_classes: int, class_order: list[int], shuffle: bool,
                  gen: torch.Generator) -> list[int]:
     """The explicit order, a seeded permutation (shuffle), or 0..C-1."""
@@ -198,20 +175,20 @@ def _validate_class_order(p: Any) -> None:
 
 @dataclasses.dataclass
 class ClassIncrementalParams:
-    n_experiences: int = param(5, "number of experiences; the classes are split among them")
-    class_order: list[int] = param([], "explicit class order (a permutation of all classes); empty = default")
+    n_experiences: int = param(5, "number of experiences; the classes are split among them", low=1,
+                               high=MAX_EXPERIENCES)
+    class_order: list[int] = param([], "explicit class order (a permutation of all classes); empty = default",
+                                   low=0)
     shuffle_classes: bool = param(False, "without class_order: seeded random class order instead of 0..C-1")
-    classes_per_experience: list[int] = param([], "classes in each experience; empty = as even as possible")
+    classes_per_experience: list[int] = param([], "classes in each experience; empty = as even as possible",
+                                              low=1)
     task_labels: bool = param(False, "give the task id at test time (task-il) instead of class-il")
-    train_per_experience: int = param(0, "random training samples kept per experience; 0 = all")
-    test_per_experience: int = param(0, "random test samples kept per experience; 0 = all")
-    seed: int | None = param(None, SEED_DOC)
+    train_per_experience: int = param(0, "random training samples kept per experience; 0 = all", low=0)
+    test_per_experience: int = param(0, "random test samples kept per experience; 0 = all", low=0)
+    seed: int | None = param(None, SEED_DOC, low=0)
 
     def validate(self) -> None:
-        _check_positive("n_experiences", self.n_experiences)
         _validate_class_order(self)
-        _check_count("train_per_experience", self.train_per_experience)
-        _check_count("test_per_experience", self.test_per_experience)
 
 
 @register_scenario("class_incremental", params=ClassIncrementalParams)
@@ -228,7 +205,6 @@ def class_incremental(datasets: list[LabelledData], p: ClassIncrementalParams, s
     name = "class_incremental"
     _validate(name, p)
     d = _one_dataset(name, datasets)
-    _check_labels(name, d)
     seed = _resolve_seed(p, seed)
     order_gen, subset_gen = _generators(seed, 2)
     order = _class_order(name, d.n_classes, p.class_order, p.shuffle_classes, order_gen)
@@ -250,17 +226,13 @@ def class_incremental(datasets: list[LabelledData], p: ClassIncrementalParams, s
 
 @dataclasses.dataclass
 class PermutedParams:
-    n_experiences: int = param(10, "number of experiences, each with its own fixed input permutation")
-    fraction: float = param(1.0, "fraction of input positions that are permuted (1 = full, 0 = identity)")
-    train_per_experience: int = param(0, "random training samples per experience; 0 = all")
-    test_per_experience: int = param(0, "random test samples per experience; 0 = all")
-    seed: int | None = param(None, SEED_DOC)
-
-    def validate(self) -> None:
-        _check_positive("n_experiences", self.n_experiences)
-        _check_fraction("fraction", self.fraction)
-        _check_count("train_per_experience", self.train_per_experience)
-        _check_count("test_per_experience", self.test_per_experience)
+    n_experiences: int = param(10, "number of experiences, each with its own fixed input permutation", low=1,
+                               high=MAX_EXPERIENCES)
+    fraction: float = param(1.0, "fraction of input positions that are permuted (1 = full, 0 = identity)",
+                           low=0, high=1)
+    train_per_experience: int = param(0, "random training samples per experience; 0 = all", low=0)
+    test_per_experience: int = param(0, "random test samples per experience; 0 = all", low=0)
+    seed: int | None = param(None, SEED_DOC, low=0)
 
 
 def _partial_permutation(size: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,20 +291,18 @@ def permuted(datasets: list[LabelledData], p: PermutedParams, seed: int) -> Scen
 
 @dataclasses.dataclass
 class RotatedParams:
-    n_experiences: int = param(10, "number of experiences, each with its own fixed rotation angle")
+    n_experiences: int = param(10, "number of experiences, each with its own fixed rotation angle", low=1,
+                               high=MAX_EXPERIENCES)
     min_angle: float = param(0.0, "smallest rotation angle in degrees (counter-clockwise)")
     max_angle: float = param(180.0, "largest rotation angle in degrees; experience t draws from slice t of the range")
-    train_per_experience: int = param(0, "random training samples per experience; 0 = all")
-    test_per_experience: int = param(0, "random test samples per experience; 0 = all")
-    seed: int | None = param(None, SEED_DOC)
+    train_per_experience: int = param(0, "random training samples per experience; 0 = all", low=0)
+    test_per_experience: int = param(0, "random test samples per experience; 0 = all", low=0)
+    seed: int | None = param(None, SEED_DOC, low=0)
 
     def validate(self) -> None:
-        _check_positive("n_experiences", self.n_experiences)
         if self.min_angle > self.max_angle:
             raise ValueError(f"min_angle={self.min_angle} is larger than max_angle={self.max_angle}; "
                              f"set min_angle <= max_angle")
-        _check_count("train_per_experience", self.train_per_experience)
-        _check_count("test_per_experience", self.test_per_experience)
 
 
 def _angles(n: int, lo: float, hi: float, gen: torch.Generator) -> list[float]:
@@ -372,14 +342,13 @@ def rotated(datasets: list[LabelledData], p: RotatedParams, seed: int) -> Scenar
 @dataclasses.dataclass
 class DomainIncrementalParams:
     resize: bool = param(True, "resize images to the first dataset's height and width when sizes differ")
-    seed: int | None = param(None, SEED_DOC)
-
-    def validate(self) -> None:
-        pass
+    seed: int | None = param(None, SEED_DOC, low=0)
 
 
 def _same_space(name: str, datasets: list[LabelledData], resize: bool) -> None:
-    """Check that all datasets share n_classes and (up to resizing) input shape."""
+    """Check that all datasets are usable and share n_classes and (up to resizing) input shape."""
+    for d in datasets:
+        d.check(f"scenario {name!r}")
     first = datasets[0]
     for d in datasets[1:]:
         if d.n_classes != first.n_classes:
@@ -441,15 +410,16 @@ def domain_incremental(datasets: list[LabelledData], p: DomainIncrementalParams,
 
 @dataclasses.dataclass
 class BlurryParams:
-    n_experiences: int = param(5, "number of experiences; each class has a home experience")
-    overlap: float = param(0.1, "fraction of each class's training samples spread over the other experiences")
-    class_order: list[int] = param([], "explicit class order (a permutation of all classes); empty = default")
+    n_experiences: int = param(5, "number of experiences; each class has a home experience", low=1,
+                               high=MAX_EXPERIENCES)
+    overlap: float = param(0.1, "fraction of each class's training samples spread over the other experiences",
+                          low=0, high=1)
+    class_order: list[int] = param([], "explicit class order (a permutation of all classes); empty = default",
+                                   low=0)
     shuffle_classes: bool = param(False, "without class_order: seeded random class order instead of 0..C-1")
-    seed: int | None = param(None, SEED_DOC)
+    seed: int | None = param(None, SEED_DOC, low=0)
 
     def validate(self) -> None:
-        _check_positive("n_experiences", self.n_experiences)
-        _check_fraction("overlap", self.overlap)
         if self.overlap > 0 and self.n_experiences < 2:
             raise ValueError("overlap > 0 needs n_experiences >= 2; raise n_experiences or set overlap = 0")
         _validate_class_order(self)
@@ -486,7 +456,6 @@ def blurry(datasets: list[LabelledData], p: BlurryParams, seed: int) -> Scenario
     name = "blurry"
     _validate(name, p)
     d = _one_dataset(name, datasets)
-    _check_labels(name, d)
     seed = _resolve_seed(p, seed)
     order_gen, move_gen = _generators(seed, 2)
     order = _class_order(name, d.n_classes, p.class_order, p.shuffle_classes, order_gen)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl.buffers import Buffer, Herding, Reservoir
-from cl.data import Experience, Samples
+from cl.data import Experience, Samples, StreamInfo
 from cl.params import param
 from cl.registry import register_strategy
 from cl.strategy import Batch, StepOutput, Strategy
@@ -55,12 +55,8 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 @dataclasses.dataclass
 class LwFParams:
-    alpha: float = param(1.0, "weight of the distillation term (the paper's lambda_o)")
-    temperature: float = param(2.0, "softening temperature T of the teacher's and the model's outputs")
-
-    def validate(self) -> None:
-        if self.alpha < 0 or self.temperature <= 0:
-            raise ValueError(f"alpha must be >= 0 and temperature > 0, got {self.alpha} and {self.temperature}")
+    alpha: float = param(1.0, "weight of the distillation term (the paper's lambda_o)", low=0)
+    temperature: float = param(2.0, "softening temperature T of the teacher's and the model's outputs", above=0)
 
 
 @register_strategy("lwf")
@@ -108,13 +104,9 @@ class LwF(Strategy):
 
 @dataclasses.dataclass
 class ICaRLParams:
-    buffer_size: int = param(2000, "exemplars kept in total, shared equally among the classes seen")
+    buffer_size: int = param(2000, "exemplars kept in total, shared equally among the classes seen", low=1)
     classifier: Literal["nme", "head"] = param(
         "nme", "prediction: nme = nearest mean of exemplars (the paper), head = the network's own output layer")
-
-    def validate(self) -> None:
-        if self.buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1, got {self.buffer_size}")
 
 
 @register_strategy("icarl")
@@ -122,6 +114,10 @@ class ICaRL(Strategy):
     """iCaRL: exemplars chosen by herding, sigmoid distillation, nearest-mean-of-exemplars prediction."""
 
     Params = ICaRLParams
+
+    @classmethod
+    def stored_samples(cls, params: ICaRLParams, stream: StreamInfo) -> int:
+        return params.buffer_size
     kept = ("buffer", "teacher", "seen_classes", "class_means")
     supported_settings = ("class-il", "task-il")  # classes that recur would only ever be distilled
 
@@ -191,15 +187,9 @@ def nearest_mean_scores(features: torch.Tensor, class_means: torch.Tensor, known
 
 @dataclasses.dataclass
 class DERParams:
-    buffer_size: int = param(500, "samples kept in the reservoir buffer, with their logits")
-    replay_batch_size: int = param(10, "buffer samples in each replay draw (drawn without replacement)")
-    alpha: float = param(0.3, "weight of the logit-matching term (mean squared error over logits)")
-
-    def validate(self) -> None:
-        if self.buffer_size < 1 or self.replay_batch_size < 1:
-            raise ValueError("buffer_size and replay_batch_size must be >= 1")
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+    buffer_size: int = param(500, "samples kept in the reservoir buffer, with their logits", low=1)
+    replay_batch_size: int = param(10, "buffer samples in each replay draw (drawn without replacement)", low=1)
+    alpha: float = param(0.3, "weight of the logit-matching term (mean squared error over logits)", low=0)
 
 
 @register_strategy("der")
@@ -208,6 +198,10 @@ class DER(Strategy):
 
     Params = DERParams
     kept = ("buffer",)
+
+    @classmethod
+    def stored_samples(cls, params: DERParams, stream: StreamInfo) -> int:
+        return params.buffer_size
 
     def setup(self) -> None:
         self.buffer = Buffer(self.params.buffer_size, Reservoir(), self.device, self.generator)
@@ -235,12 +229,7 @@ class DER(Strategy):
 
 @dataclasses.dataclass
 class DERPPParams(DERParams):
-    beta: float = param(0.5, "weight of the cross-entropy on a second, independent buffer draw")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+    beta: float = param(0.5, "weight of the cross-entropy on a second, independent buffer draw", low=0)
 
 
 @register_strategy("der_pp")

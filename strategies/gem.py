@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from cl.buffers import Buffer, RingPerTask
-from cl.data import Experience
+from cl.data import Experience, StreamInfo
 from cl.gradients import batch_statistics_only, flat_grad, grouped_gradients, set_flat_grad
 from cl.params import param
 from cl.projection import agem_project, gem_project, quadprog_available
@@ -41,17 +41,18 @@ from cl.strategy import Batch, StepOutput, Strategy
 
 @dataclasses.dataclass
 class MemoryParams:
-    memory_per_task: int = param(256, "samples kept per task: the latest ones of each task (a ring buffer)")
-
-    def validate(self) -> None:
-        if self.memory_per_task < 1:
-            raise ValueError(f"memory_per_task must be >= 1, got {self.memory_per_task}")
+    memory_per_task: int = param(256, "samples kept per task: the latest ones of each task (a ring buffer)",
+                                 low=1)
 
 
 class EpisodicMemory(Strategy):
     """Fine-tuning plus a per-task ring-buffer memory of stored samples (shared by GEM and A-GEM)."""
 
     kept = ("memory",)
+
+    @classmethod
+    def stored_samples(cls, params: MemoryParams, stream: StreamInfo) -> int:
+        return params.memory_per_task * stream.n_tasks
 
     def setup(self) -> None:
         per_task = self.params.memory_per_task
@@ -73,15 +74,12 @@ class EpisodicMemory(Strategy):
 @dataclasses.dataclass
 class GEMParams(MemoryParams):
     memory_strength: float = param(0.5, "margin: lower bound on the dual variables (the paper's 0.5; 0 = the "
-                                        "exact projection)")
-    ridge: float = param(1e-3, "added to the dual's diagonal for numerical safety (the paper's code: 1e-3)")
+                                        "exact projection)", low=0)
+    ridge: float = param(1e-3, "added to the dual's diagonal for numerical safety (the paper's code: 1e-3)", low=0)
     solver: Literal["auto", "quadprog", "active_set"] = param(
         "auto", "dual QP solver: quadprog (optional package), active_set (our own, exact), auto = quadprog if installed")
 
     def validate(self) -> None:
-        super().validate()
-        if self.memory_strength < 0 or self.ridge < 0:
-            raise ValueError(f"memory_strength and ridge must be >= 0, got {self.memory_strength} and {self.ridge}")
         if self.solver == "quadprog" and not quadprog_available():
             raise ValueError("solver 'quadprog' needs the quadprog package: pip install quadprog "
                              "(or the cl-bench[gem] extra), or set solver = \"active_set\"")
@@ -153,12 +151,8 @@ class GEM(EpisodicMemory):
 
 @dataclasses.dataclass
 class AGEMParams(MemoryParams):
-    sample_size: int = param(256, "memory samples (from all earlier tasks) behind each step's reference gradient")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.sample_size < 1:
-            raise ValueError(f"sample_size must be >= 1, got {self.sample_size}")
+    sample_size: int = param(256, "memory samples (from all earlier tasks) behind each step's reference gradient",
+                             low=1)
 
 
 @register_strategy("agem")

@@ -38,14 +38,15 @@ from cl.strategy import Batch, ModelSpec, StepOutput, Strategy
 
 @dataclasses.dataclass
 class HNETParams:
-    hidden: list[int] = param([10, 10], "hidden layer widths of the hypernetwork (the paper's split-MNIST: 10, 10)")
-    embedding_dim: int = param(96, "size of each task embedding")
-    chunk_size: int = param(42000, "target weights generated per chunk; 0 = all at once (unchunked)")
-    chunk_embedding_dim: int = param(96, "size of each chunk embedding (chunked only)")
+    hidden: list[int] = param([10, 10], "hidden layer widths of the hypernetwork (the paper's split-MNIST: 10, 10)",
+                              low=1)
+    embedding_dim: int = param(96, "size of each task embedding", low=1)
+    chunk_size: int = param(42000, "target weights generated per chunk; 0 = all at once (unchunked)", low=0)
+    chunk_embedding_dim: int = param(96, "size of each chunk embedding (chunked only)", low=1)
     activation: Literal["relu", "elu"] = param("relu", "activation of the hypernetwork's hidden layers")
     beta: float = param(0.01, "weight of the output regulariser: beta/(T-1) * sum of squared distances to the "
-                               "stored outputs for earlier tasks")
-    embedding_lr: float = param(1e-3, "learning rate of the task embedding's own Adam optimizer")
+                               "stored outputs for earlier tasks", low=0)
+    embedding_lr: float = param(1e-3, "learning rate of the task embedding's own Adam optimizer", above=0)
     lookahead: bool = param(False, "regularise the outputs after the step the optimizer is about to take "
                                    "(the paper's look-ahead) instead of at the current parameters")
     task_inference: Literal["entropy", "latest"] = param(
@@ -53,16 +54,8 @@ class HNETParams:
                    "lowest entropy; 'latest' always uses the last embedding trained (no inference)")
 
     def validate(self) -> None:
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"hidden must list at least one width >= 1, got {self.hidden}")
-        if self.embedding_dim < 1 or self.chunk_embedding_dim < 1:
-            raise ValueError("embedding_dim and chunk_embedding_dim must be >= 1")
-        if self.chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
-        if not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
-            raise ValueError(f"embedding_lr must be a finite number > 0, got {self.embedding_lr}")
+        if not self.hidden:
+            raise ValueError("hidden must list at least one width")
 
 
 class HyperNetwork(nn.Module):

@@ -104,17 +104,17 @@ class PromptStrategy(Strategy):
 
 @dataclasses.dataclass
 class L2PParams:
-    pool_size: int = param(10, "prompts in the pool (M)")
-    prompt_length: int = param(5, "tokens per prompt (L_p)")
-    top_k: int = param(5, "prompts selected per sample (N)")
-    key_lambda: float = param(0.1, "weight of the surrogate loss pulling selected keys towards their queries")
+    pool_size: int = param(10, "prompts in the pool (M)", low=1)
+    prompt_length: int = param(5, "tokens per prompt (L_p)", low=1)
+    top_k: int = param(5, "prompts selected per sample (N)", low=1)
+    key_lambda: float = param(0.1, "weight of the surrogate loss pulling selected keys towards their queries",
+                               low=0)
     diversify: bool = param(False, "in training, select by (1 - cos) times each prompt's share of the earlier "
                                    "experiences' selections, so new experiences favour rarely used prompts")
 
     def validate(self) -> None:
-        if min(self.pool_size, self.prompt_length, self.top_k) < 1 or self.top_k > self.pool_size:
-            raise ValueError(f"need pool_size, prompt_length >= 1 and 1 <= top_k <= pool_size, got "
-                             f"{self.pool_size}, {self.prompt_length}, {self.top_k}")
+        if self.top_k > self.pool_size:
+            raise ValueError(f"top_k ({self.top_k}) must be <= pool_size ({self.pool_size})")
 
 
 class PromptPool(nn.Module):
@@ -188,18 +188,17 @@ class L2P(PromptStrategy):
 
 @dataclasses.dataclass
 class DualPromptParams:
-    g_length: int = param(5, "G-prompt length: prefix tokens for the keys and as many for the values")
-    g_layers: list[int] = param([0, 1], "blocks (0-based) whose attention gets the G-prompt (paper: 0, 1)")
-    e_length: int = param(5, "E-prompt length: prefix tokens for the keys and as many for the values")
-    e_layers: list[int] = param([2, 3], "blocks (0-based) whose attention gets the E-prompt (paper, ViT-B: 2, 3, 4)")
-    key_lambda: float = param(1.0, "weight of the loss pulling the experience's key towards its queries")
+    g_length: int = param(5, "G-prompt length: prefix tokens for the keys and as many for the values", low=0)
+    g_layers: list[int] = param([0, 1], "blocks (0-based) whose attention gets the G-prompt (paper: 0, 1)", low=0)
+    e_length: int = param(5, "E-prompt length: prefix tokens for the keys and as many for the values", low=0)
+    e_layers: list[int] = param([2, 3], "blocks (0-based) whose attention gets the E-prompt (paper, ViT-B: 2, 3, 4)",
+                                low=0)
+    key_lambda: float = param(1.0, "weight of the loss pulling the experience's key towards its queries", low=0)
 
     def validate(self) -> None:
-        if min(self.g_length, self.e_length) < 0:
-            raise ValueError(f"g_length and e_length must be >= 0, got {self.g_length}, {self.e_length}")
         layers = self.g_layers + self.e_layers
-        if min(layers, default=0) < 0 or len(set(layers)) != len(layers):
-            raise ValueError(f"g_layers and e_layers must be distinct block indices >= 0, got "
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"g_layers and e_layers must be distinct block indices, got "
                              f"{self.g_layers} and {self.e_layers}")
 
 

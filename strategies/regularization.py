@@ -68,15 +68,12 @@ class AnchoredStrategy(Strategy):
 
 @dataclasses.dataclass
 class EWCParams:
-    ewc_lambda: float = param(100.0, "penalty strength lambda: the loss adds lambda/2 * sum F (theta - theta*)^2")
-    gamma: float = param(1.0, "decay of the accumulated Fisher information at each new experience (1 = no decay)")
-    fisher_batch_size: int = param(64, "samples per vectorised per-sample-gradient pass when computing the Fisher")
-
-    def validate(self) -> None:
-        if self.ewc_lambda < 0 or not 0 <= self.gamma <= 1:
-            raise ValueError(f"ewc_lambda must be >= 0 and gamma in [0, 1], got {self.ewc_lambda} and {self.gamma}")
-        if self.fisher_batch_size < 1:
-            raise ValueError("fisher_batch_size must be >= 1")
+    ewc_lambda: float = param(100.0, "penalty strength lambda: the loss adds lambda/2 * sum F (theta - theta*)^2",
+                               low=0)
+    gamma: float = param(1.0, "decay of the accumulated Fisher information at each new experience (1 = no decay)",
+                          low=0, high=1)
+    fisher_batch_size: int = param(64, "samples per vectorised per-sample-gradient pass when computing the Fisher",
+                                   low=1)
 
 
 @register_strategy("ewc")
@@ -122,12 +119,8 @@ class EWC(AnchoredStrategy):
 
 @dataclasses.dataclass
 class SIParams:
-    c: float = param(0.5, "penalty strength: the loss adds c * sum Omega (theta - theta*)^2")
-    xi: float = param(1.0, "damping added to the squared total change when normalising the path integral")
-
-    def validate(self) -> None:
-        if self.c < 0 or self.xi <= 0:
-            raise ValueError(f"c must be >= 0 and xi > 0, got {self.c} and {self.xi}")
+    c: float = param(0.5, "penalty strength: the loss adds c * sum Omega (theta - theta*)^2", low=0)
+    xi: float = param(1.0, "damping added to the squared total change when normalising the path integral", above=0)
 
 
 @register_strategy("si")

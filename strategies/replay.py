@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.buffers import Buffer, ClassBalanced, Reservoir
-from cl.data import Experience
+from cl.data import Experience, StreamInfo
 from cl.params import param
 from cl.registry import register_strategy
 from cl.strategy import Batch, StepOutput, Strategy
@@ -26,14 +26,11 @@ from cl.strategy import Batch, StepOutput, Strategy
 
 @dataclasses.dataclass
 class ERParams:
-    buffer_size: int = param(500, "samples kept in memory")
-    replay_batch_size: int = param(10, "memory samples added to each stream batch (drawn without replacement)")
+    buffer_size: int = param(500, "samples kept in memory", low=1)
+    replay_batch_size: int = param(10, "memory samples added to each stream batch (drawn without replacement)",
+                                   low=1)
     buffer: Literal["reservoir", "class_balanced"] = param(
         "reservoir", "reservoir: updated every step; class_balanced: equal slots per class, updated per experience")
-
-    def validate(self) -> None:
-        if self.buffer_size < 1 or self.replay_batch_size < 1:
-            raise ValueError("buffer_size and replay_batch_size must be >= 1")
 
 
 @register_strategy("er")
@@ -42,6 +39,10 @@ class ExperienceReplay(Strategy):
 
     Params = ERParams
     kept = ("buffer",)
+
+    @classmethod
+    def stored_samples(cls, params: ERParams, stream: StreamInfo) -> int:
+        return params.buffer_size
 
     def setup(self) -> None:
         policy = Reservoir() if self.params.buffer == "reservoir" else ClassBalanced()

@@ -154,11 +154,12 @@ def one_line_error() -> Callable[..., str]:
 @pytest.fixture
 def run_tiny(cli, write_experiment, tiny_raw, store_url):
     """`run_tiny(raw=None, *extra_args)` -> CliResult of `cl run` on a tiny experiment file, on the CPU
-    (a later --device in extra_args wins)."""
+    unless extra_args give a --device."""
 
     def run(raw=None, *extra):
         path = write_experiment(raw if raw is not None else tiny_raw())
-        return cli("run", path, "--store", store_url, "--no-progress", "--device", "cpu", *extra)
+        device = [] if "--device" in extra else ["--device", "cpu"]
+        return cli("run", path, "--store", store_url, "--no-progress", *device, *extra)
 
     return run
 

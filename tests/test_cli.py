@@ -190,30 +190,30 @@ def test_list_strategies(cli):
         assert name in names
     assert names == sorted(names)
     er_block = out[out.index("\ner:"):]
-    assert "    buffer_size (int, default 500): samples kept in memory" in er_block
-    assert "    replay_batch_size (int, default 10)" in er_block
+    assert "    buffer_size (int >= 1, default 500): samples kept in memory" in er_block
+    assert "    replay_batch_size (int >= 1, default 10)" in er_block
     assert "buffer ('reservoir'|'class_balanced', default 'reservoir')" in er_block
     gem_block = out[out.index("\ngem:"):]
     assert gem_block.splitlines()[2] == "    settings: class-il, task-il, domain-il; models: any"
-    for text in ("memory_per_task (int, default 256)", "memory_strength (float, default 0.5)",
-                 "ridge (float, default 0.001)", "solver ('auto'|'quadprog'|'active_set', default 'auto')"):
+    for text in ("memory_per_task (int >= 1, default 256)", "memory_strength (float >= 0, default 0.5)",
+                 "ridge (float >= 0, default 0.001)", "solver ('auto'|'quadprog'|'active_set', default 'auto')"):
         assert text in gem_block
     icarl_block = out[out.index("\nicarl:"):]
     assert icarl_block.splitlines()[2] == "    settings: class-il, task-il; models: any"
     assert "classifier ('nme'|'head', default 'nme')" in icarl_block
-    for name, text in (("der_pp", "beta (float, default 0.5)"), ("ewc", "ewc_lambda (float, default 100.0)"),
-                       ("si", "xi (float, default 1.0)"), ("lwf", "temperature (float, default 2.0)")):
+    for name, text in (("der_pp", "beta (float >= 0, default 0.5)"), ("ewc", "ewc_lambda (float >= 0, default 100.0)"),
+                       ("si", "xi (float > 0, default 1.0)"), ("lwf", "temperature (float > 0, default 2.0)")):
         assert text in out[out.index(f"\n{name}:"):]
-    assert "sample_size (int, default 256)" in ("\n" + out)[("\n" + out).index("\nagem:"):]
+    assert "sample_size (int >= 1, default 256)" in ("\n" + out)[("\n" + out).index("\nagem:"):]
     hnet_block = out[out.index("\nhnet:"):]
     assert hnet_block.splitlines()[2] == ("    settings: class-il, task-il, domain-il; models: any without batch-norm "
                                           "running statistics (mlp, cnn)")
-    for text in ("chunk_size (int, default 42000)", "beta (float, default 0.01)", "lookahead (bool, default False)",
+    for text in ("chunk_size (int >= 0, default 42000)", "beta (float >= 0, default 0.01)", "lookahead (bool, default False)",
                  "task_inference ('entropy'|'latest', default 'entropy')"):
         assert text in hnet_block
     l2p_block = out[out.index("\nl2p:"):]
     assert l2p_block.splitlines()[2] == "    settings: class-il, task-il, domain-il; models: vit"
-    assert "top_k (int, default 5)" in l2p_block
+    assert "top_k (int >= 1, default 5)" in l2p_block
 
 
 def test_hnet_run_show_and_leaderboard_report_the_compression_ratio(run_tiny, tiny_raw, cli, store_url, stored,
@@ -245,13 +245,14 @@ def test_hnet_refuses_a_target_with_batch_norm_in_one_line(run_tiny, tiny_raw, s
 
 
 @pytest.mark.parametrize("what, expected", [
-    ("scenarios", {"class_incremental": "n_experiences (int, default 5)", "permuted": "fraction (float, default 1.0)",
-                   "rotated": "max_angle (float, default 180.0)", "blurry": "overlap (float, default 0.1)",
+    ("scenarios", {"class_incremental": "n_experiences (int in [1, 1000], default 5)",
+                   "permuted": "fraction (float in [0, 1], default 1.0)",
+                   "rotated": "max_angle (float, default 180.0)", "blurry": "overlap (float in [0, 1], default 0.1)",
                    "domain_incremental": "resize (bool, default True)"}),
-    ("datasets", {"digits": "test_fraction (float, default 0.2)", "fashion_mnist": "data_dir (str, default",
+    ("datasets", {"digits": "test_fraction (float in (0, 1), default 0.2)", "fashion_mnist": "data_dir (str, default",
                   "mnist": "data_dir (str, default 'data/mnist')", "cifar10": "data_dir", "mnist1d": "n_samples"}),
-    ("models", {"mlp": "hidden (list[int], default [100, 100])", "cnn": "channels (list[int], default [32, 64])",
-                "resnet18_reduced": "width (int, default 20)"}),
+    ("models", {"mlp": "hidden (list[int] >= 1, default [100, 100])",
+                "cnn": "channels (list[int] >= 1, default [32, 64])", "resnet18_reduced": "width (int >= 1, default 20)"}),
 ])
 def test_list_builtins_with_params(cli, what, expected):
     out = list_output(cli, what)
@@ -271,12 +272,12 @@ def test_list_builtins_with_params(cli, what, expected):
 def test_list_training_and_transforms(cli):
     training = list_output(cli, "training")
     for text in ("optimizer_policy ('reset'|'keep', default 'reset')", "freeze (list[str], default [])",
-                 "lr_scale (table of float, default {})", "grad_clip_norm (float, default 0.0)",
+                 "lr_scale (table of float > 0, default {})", "grad_clip_norm (float >= 0, default 0.0)",
                  "task_il_mask (bool, default True)"):
         assert text in training
     transforms = list_output(cli, "transforms")
-    for text in ("crop_padding (int, default 0)", "horizontal_flip (bool, default False)",
-                 "normalize (bool, default False)", "resize (list[int], default [])"):
+    for text in ("crop_padding (int >= 0, default 0)", "horizontal_flip (bool, default False)",
+                 "normalize (bool, default False)", "resize (list[int] in [1, 4096], default [])"):
         assert text in transforms
 
 

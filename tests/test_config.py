@@ -172,10 +172,48 @@ def test_validate_rejects_out_of_range_values(tiny_raw):
     assert "epochs must be >= 1, got 0" in error_of(raw)
     raw = tiny_raw()
     raw["training"]["lr"] = -0.1
-    assert "lr must be a finite number > 0" in error_of(raw)
+    assert "lr must be > 0, got -0.1" in error_of(raw)
     raw = tiny_raw()
     raw["strategies"][1]["buffer_size"] = 0
-    assert "buffer_size and replay_batch_size must be >= 1" in error_of(raw)
+    assert "buffer_size must be >= 1, got 0" in error_of(raw)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("training", "momentum", 1.5, "momentum must be in [0, 1), got 1.5"),
+    ("training", "momentum", -0.1, "momentum must be in [0, 1)"),
+    ("training", "weight_decay", 2.0, "weight_decay must be in [0, 1)"),
+    ("training", "lr_scale", {"head": 0.0}, "lr_scale must be > 0 (each value)"),
+    ("model", "hidden", [8, 0], "hidden must be >= 1 (each value), got [8, 0]"),
+    ("scenario", "n_experiences", 0, "n_experiences must be in [1, 1000], got 0"),
+    ("scenario", "n_experiences", 10**6, "n_experiences must be in [1, 1000]"),
+])
+def test_declared_ranges_are_enforced(tiny_raw, section, key, value, message):
+    raw = tiny_raw()
+    raw[section][key] = value
+    assert message in error_of(raw)
+
+
+@pytest.mark.parametrize("where, key", [("training", "momentum"), ("strategies", "alpha"),
+                                        ("scenario", "max_angle"), ("dataset", "test_fraction")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_must_be_finite(tiny_raw, where, key, bad):
+    raw = tiny_raw()
+    if where == "strategies":
+        raw["strategies"] = [{"name": "lwf", key: bad}]
+    elif where == "scenario":
+        raw["scenario"] = {"name": "rotated", "n_experiences": 2, key: bad}
+    else:
+        raw[where][key] = bad
+    assert f"{key} must be finite, got {bad}" in error_of(raw)
+
+
+def test_declared_ranges_are_listed():
+    from cl.params import describe_params
+    from cl.training import TrainingParams
+
+    ranges = {r["name"]: r["range"] for r in describe_params(TrainingParams)}
+    assert ranges["momentum"] == "in [0, 1)" and ranges["lr"] == "> 0" and ranges["epochs"] == ">= 1"
+    assert ranges["optimizer"] == ""
 
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf")])
@@ -409,7 +447,7 @@ def test_training_tables_of_values(tiny_raw):
     config = build_experiment(tiny_raw(training={"lr_scale": {"head": 10, "features": 0.5}}))
     assert config.training.lr_scale == {"head": 10.0, "features": 0.5}  # ints converted to float
     assert "lr_scale must be table of float" in error_of(tiny_raw(training={"lr_scale": {"head": "x"}}))
-    assert "lr_scale.head must be a finite number > 0" in error_of(tiny_raw(training={"lr_scale": {"head": 0}}))
+    assert "lr_scale must be > 0 (each value)" in error_of(tiny_raw(training={"lr_scale": {"head": 0}}))
     assert "optimizer_policy must be 'reset'|'keep'" in error_of(tiny_raw(training={"optimizer_policy": "x"}))
 
 

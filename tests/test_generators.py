@@ -154,11 +154,31 @@ def test_class_incremental_invalid_params(kw, needle):
     assert "\n" not in str(info.value)
 
 
-def test_labels_outside_class_range_rejected():
+@pytest.mark.parametrize("fn, params", [
+    (g.class_incremental, g.ClassIncrementalParams()), (g.permuted, g.PermutedParams()),
+    (g.rotated, g.RotatedParams()), (g.blurry, g.BlurryParams()),
+])
+def test_labels_outside_class_range_rejected(fn, params):
     d = toy()
     d.y_train[0] = 10
-    with pytest.raises(UserError, match="labels outside 0..9"):
+    with pytest.raises(UserError, match="has training labels outside 0..9 \\(found 0..10\\)"):
+        fn([d], params, 0)
+    d = toy()
+    d.y_test[3] = -1
+    with pytest.raises(UserError, match="has test labels outside"):
+        fn([d], params, 0)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_dataset_without_samples_is_rejected(split):
+    d = toy()
+    setattr(d, f"x_{split}", getattr(d, f"x_{split}")[:0])
+    setattr(d, f"y_{split}", getattr(d, f"y_{split}")[:0])
+    with pytest.raises(UserError, match=f"has no {split}(ing)? samples"):
         ci(d)
+    d2 = toy()
+    with pytest.raises(UserError, match="has no"):
+        g.domain_incremental([d2, d], g.DomainIncrementalParams(), 0)
 
 
 def test_invalid_params_rejected_by_build_params_too():

@@ -107,3 +107,36 @@ def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_c
     with open(tmp_path / "board" / "results.csv") as f:
         experiments = {r["experiment"] for r in csv.DictReader(f)}
     assert "'=HYPERLINK(1)|<script>x</script>" in experiments  # not run as a formula by a spreadsheet
+
+
+WRITER = """
+import dataclasses, sys
+from cl.store import ResultStore
+store = ResultStore(sys.argv[1])
+record = store.records()[0]
+for seed in range(100, 100 + int(sys.argv[2])):
+    store.write(dataclasses.replace(record, run_key=f"concurrent-{seed}", seed=seed, id=None))
+"""
+
+
+def test_the_leaderboard_regenerates_while_runs_are_being_written(store, tmp_path):
+    """A second process writes runs (as `cl run` does) while the leaderboard is regenerated again and
+    again: every regeneration succeeds and sees a consistent store, and the last one counts every run."""
+    import shutil
+    import subprocess
+    import sys
+
+    db = tmp_path / "busy.db"
+    shutil.copy(store.url.removeprefix("sqlite:///"), db)
+    url = f"sqlite:///{db}"
+    n_before, n_new = len(store.list_runs()), 40
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url, str(n_new)])
+    regenerations = 0
+    while writer.poll() is None or regenerations == 0:
+        generate(ResultStore(url), tmp_path / "board", plots=False)
+        regenerations += 1
+    assert writer.returncode == 0
+    generate(ResultStore(url), tmp_path / "board", plots=False)
+    with open(tmp_path / "board" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == n_before + n_new
+    assert regenerations >= 2

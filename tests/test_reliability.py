@@ -47,9 +47,9 @@ def test_learned_nothing_compares_with_the_majority_class():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"factor": 0.5}, "factor must be a finite number > 1"),
-    ({"check_every": 0}, "check_every and patience must be >= 1"),
-    ({"learned_margin": math.nan}, "learned_margin must be a finite number"),
+    ({"factor": 0.5}, "factor must be > 1, got 0.5"),
+    ({"check_every": 0}, "check_every must be >= 1"),
+    ({"learned_margin": math.nan}, "learned_margin must be finite"),
 ])
 def test_bad_divergence_settings_are_one_line_errors(cli, tiny_raw, write_experiment, store_url, table, message):
     result = cli("run", write_experiment(tiny_raw(divergence=table)), "--store", store_url, "--no-progress")
@@ -323,3 +323,15 @@ def test_leaderboard_out_on_a_file_is_a_one_line_error(cli, store_url, tmp_path)
     result = cli("leaderboard", "--store", store_url, "--out", tmp_path / "taken", "--no-plots")
     assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
     assert "leaderboard --out" in result.err and "cannot write there" in result.err
+
+
+@pytest.mark.parametrize("override, what", [
+    ("model.hidden=[1000000000000]", "model parameters x 4 copies"),
+    ("strategies.er.buffer_size=100000000000", "100,000,000,000 stored samples"),
+])
+def test_a_run_too_large_for_memory_is_refused_before_anything_is_allocated(cli, tiny_raw, write_experiment,
+                                                                           store_url, override, what):
+    result = cli("run", write_experiment(tiny_raw()), "--set", override, "--store", store_url, "--no-progress")
+    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert "needs at least" in result.err and what in result.err and "free" in result.err
+    assert ResultStore(store_url).list_runs() == []

@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=PrintVersion, help="print the package version and git commit, and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
-    run = sub.add_parser("run", help="run an experiment file and store its results")
-    run.add_argument("file", help="experiment TOML file, e.g. experiments/quickstart.toml")
+    run = sub.add_parser("run", help="run experiment files and store their results")
+    run.add_argument("files", nargs="+", metavar="FILE",
+                     help="experiment TOML files, e.g. experiments/quickstart.toml or experiments/leaderboard/*.toml "
+                          "(every file is validated before the first run trains)")
     run.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the file)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a value (repeatable), e.g. training.lr=0.05 or strategies.er.buffer_size=200")
@@ -136,18 +138,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cl.runner import describe_run, resolve_device, run_experiment
     from cl.store import ResultStore
 
-    config = load_experiment(args.file, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
-                             only_strategies=args.strategies)
+    configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
+                               only_strategies=args.strategies) for f in args.files]
+    names = [c.name for c in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"experiment name {repeated[0]!r} appears in two of the files; give each file its own name")
     device = resolve_device(args.device)
     store = ResultStore(args.store, busy_timeout=args.busy_timeout)
     store.check_writable()  # before anything trains
-    print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
-          f"on {device}, results -> {args.store}", flush=True)
-    records = run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume)
-    completed = [r for r in records if r.status == "completed"]
-    if completed:
-        print()
-        print(format_comparison([r.headline() for r in completed], completed[0].setting))
+    records = []
+    for config in configs:
+        print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
+              f"on {device}, results -> {args.store}", flush=True)
+        records += run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume)
+    for config in configs:
+        completed = [r for r in records if r.status == "completed" and r.experiment == config.name]
+        if completed:
+            print(f"\n{config.name}:" if len(configs) > 1 else "")
+            print(format_comparison([r.headline() for r in completed], completed[0].setting))
     stopped = [r for r in records if r.status != "completed"]
     if stopped:
         print(f"cl: {len(stopped)} of {len(records)} runs did not complete (stored with their status; "

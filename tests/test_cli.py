@@ -566,3 +566,18 @@ def test_broken_plugin_gives_one_line_error(tmp_path, cl_subprocess, write_exper
     proc = cl_subprocess("run", write_experiment(), "--store", store_url, "--no-progress", pythonpath=site)
     assert proc.returncode == 2
     assert "cl_broken_plugin" in one_line_error(proc.stderr)
+
+
+def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, write_experiment, store_url, stored):
+    first = write_experiment(tiny_raw(name="first", strategies=[{"name": "naive"}]), name="a.toml")
+    second = write_experiment(tiny_raw(name="second", strategies=[{"name": "naive"}]), name="b.toml")
+    broken = write_experiment(tiny_raw(name="third", strategies=[{"name": "nope"}]), name="c.toml")
+    result = cli("run", first, broken, "--store", store_url, "--no-progress", "--device", "cpu")
+    assert result.rc == 2 and "nope" in result.err and stored() == []  # nothing trained
+    same = write_experiment(tiny_raw(name="first", strategies=[{"name": "naive"}]), name="d.toml")
+    result = cli("run", first, same, "--store", store_url, "--no-progress", "--device", "cpu")
+    assert result.rc == 2 and "experiment name 'first' appears in two of the files" in result.err
+    result = cli("run", first, second, "--store", store_url, "--no-progress", "--device", "cpu")
+    assert result.rc == 0, result.err
+    assert sorted(r["experiment"] for r in stored()) == ["first", "second"]
+    assert "\nfirst:" in result.out and "\nsecond:" in result.out

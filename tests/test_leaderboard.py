@@ -4,10 +4,20 @@ import dataclasses
 import pytest
 import torch
 
-from cl.leaderboard import _slug, generate
+from cl.leaderboard import generate
 from cl.runner import build_scenario, load_datasets, run_one
 from cl.store import ResultStore
 from tests.helpers import digits_experiment
+
+
+import math
+import statistics
+
+from cl.leaderboard.plots import pareto_front
+from cl.leaderboard.published import published_for
+from cl.leaderboard.summary import Estimate, StrategyRow, mark_best_and_ties, slug
+
+T_975 = {1: 12.706, 2: 4.303}  # Student t quantiles, 0.975, for 1 and 2 degrees of freedom (printed tables)
 
 
 @pytest.fixture(scope="module")
@@ -15,38 +25,121 @@ def store(tmp_path_factory):
     store = ResultStore(f"sqlite:///{tmp_path_factory.mktemp('lb')}/runs.db")
     cfg = digits_experiment([{"name": "naive"}, {"name": "er", "buffer_size": 50}], n_experiences=3)
     data = load_datasets(cfg.datasets)
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         scenario = build_scenario(cfg, data, seed)
         for component in cfg.strategies:
             store.write(run_one(cfg, component, scenario, seed, torch.device("cpu"), progress=False))
     return store
 
 
-def test_leaderboard_tables_are_the_mean_and_std_of_stored_runs(store, tmp_path):
+def direct_metrics(R):
+    """ACC, BWT, forgetting and FWT of one accuracy matrix, written out from the definitions."""
+    T = len(R[0])
+    acc = sum(R[T]) / T
+    bwt = sum(R[T][j] - R[j + 1][j] for j in range(T - 1)) / (T - 1)
+    forgetting = sum(max(R[l][j] for l in range(1, T)) - R[T][j] for j in range(T - 1)) / (T - 1)
+    fwt = sum(R[j][j] - R[0][j] for j in range(1, T)) / (T - 1)
+    return {"acc": acc, "bwt": bwt, "forgetting": forgetting, "fwt": fwt}
+
+
+def interval_text(values):
+    n = len(values)
+    half = T_975[n - 1] * statistics.stdev(values) / math.sqrt(n)
+    return f"{statistics.fmean(values):.3f} ± {half:.3f}"
+
+
+def table_rows(md):
+    """{strategy: {header: cell}} of the first table in a leaderboard README (emphasis removed)."""
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    headers = [h.strip() for h in lines[0].strip("|").split(" | ")]
+    rows = {}
+    for line in lines[1:]:
+        if line.startswith("| strategy"):
+            break
+        cells = [c.strip().replace("**", "").removesuffix(" ≈") for c in line.strip().strip("|").split(" | ")]
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows
+
+
+def test_every_table_number_is_recomputed_from_the_stored_matrices(store, tmp_path):
     paths = generate(store, tmp_path)
-    png = slug_png("test-digits")
-    assert {p.name for p in paths} == {"README.md", "results.csv", "index.html", png}
-    runs = store.list_runs()
-    er = [r["acc"] for r in runs if r["strategy"] == "er"]
-    mean = sum(er) / 2
-    std = abs(er[0] - er[1]) / 2**0.5  # sample std of two values
     md = (tmp_path / "README.md").read_text()
-    er_line = next(line for line in md.splitlines() if line.startswith("| er |"))
-    assert f"{mean:.3f} ± {std:.3f}" in er_line
-    assert "| 2 |" in er_line  # two seeds
-    header = next(line for line in md.splitlines() if line.startswith("| strategy"))
-    assert "memory MiB" in header and "task-IL FWT" in header  # class-IL: FWT on task-IL accuracy
-    fwt = [r.task_il_metrics.fwt for r in store.records() if r.strategy == "er"]
-    assert f"{sum(fwt) / 2:.3f} ± {abs(fwt[0] - fwt[1]) / 2**0.5:.3f}" in er_line
+    rows = table_rows(md)
+    assert set(rows) == {"naive", "er"}
+    for strategy, row in rows.items():
+        runs = [r for r in store.records() if r.strategy == strategy]
+        class_il = [direct_metrics(r.matrix) for r in runs]
+        task_il = [direct_metrics(r.task_il_matrix) for r in runs]
+        assert row["seeds"] == "3"
+        assert row["ACC"] == interval_text([m["acc"] for m in class_il])
+        assert row["BWT"] == interval_text([m["bwt"] for m in class_il])
+        assert row["Forgetting"] == interval_text([m["forgetting"] for m in class_il])
+        assert row["task-IL ACC"] == interval_text([m["acc"] for m in task_il])
+        assert row["task-IL FWT"] == interval_text([m["fwt"] for m in task_il])  # class-IL: FWT on task-IL
+        assert row["memory MiB"] == f"{statistics.fmean(r.budgets.memory_bytes for r in runs) / 2**20:.2f}"
+        walls = [r.budgets.wall_seconds for r in runs]
+        half = T_975[2] * statistics.stdev(walls) / math.sqrt(3)
+        assert row["wall s"] == f"{statistics.fmean(walls):.1f} ± {half:.1f}"
+    assert rows["er"]["hyperparameters"] == "buffer=reservoir, buffer_size=50, replay_batch_size=10"
+    best = max(rows, key=lambda s: float(rows[s]["ACC"].split(" ± ")[0]))
+    assert f"| **{rows[best]['ACC']}" in md  # the best ACC is bold
     with open(tmp_path / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["strategy"] for r in rows} == {"naive", "er"}
-    assert {r["params"] for r in rows if r["strategy"] == "er"} == {
-        '{"buffer": "reservoir", "buffer_size": 50, "replay_batch_size": 10}'}
-    assert all(r["code_version"].startswith("cl-bench ") for r in rows)
-    html = (tmp_path / "index.html").read_text()
-    assert "<table>" in html and png in html
-    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 6 and {r["strategy"] for r in csv_rows} == {"naive", "er"}
+    for r in csv_rows:  # the CSV alone recomputes the table
+        assert r["code_version"].startswith("cl-bench ") and r["status"] == "completed"
+    er_acc = [float(r["acc"]) for r in csv_rows if r["strategy"] == "er"]
+    assert interval_text(er_acc) == rows["er"]["ACC"]
+    assert {r["param.buffer_size"] for r in csv_rows if r["strategy"] == "er"} == {"50"}
+    kinds = sorted(p.name.rsplit("-", 1)[1] for p in paths if p.suffix == ".png")
+    assert kinds == ["curves.png", "heatmaps.png", "pareto.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths if p.suffix == ".png")
+    html_page = (tmp_path / "index.html").read_text()
+    assert "class='sortable'" in html_page and "Definitions" in html_page and "Setup: " in html_page
+    assert all(p.name in html_page for p in paths if p.suffix == ".png")
+
+
+def test_a_student_t_interval_by_hand():
+    e = Estimate([1.0, 2.0, 3.0])
+    assert e.mean == 2.0 and e.half_width == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert Estimate([0.5]).half_width is None and Estimate([0.5]).interval == (0.5, 0.5)
+
+
+def _row(label, values):
+    return StrategyRow(label, label, {}, [], {"acc": Estimate(values), "memory_mib": Estimate([len(label)] * 2)})
+
+
+def test_best_values_and_ties_follow_the_intervals():
+    rows = [_row("a", [0.80, 0.82]), _row("bb", [0.70, 0.90]), _row("ccc", [0.50, 0.52])]
+    mark_best_and_ties(rows, [("acc", "ACC", 1), ("memory_mib", "memory MiB", -1)])
+    # a: mean 0.81, interval 0.81 +- 12.706 * 0.0141 / 1.414 = [0.683, 0.937]; bb: mean 0.80, wide; ccc: [0.383, 0.637]
+    assert "acc" in rows[0].best and "acc" not in rows[1].best
+    assert rows[1].tied and rows[2].tied is False
+    assert "memory_mib" in rows[0].best  # the least memory is best
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    points = [(0.0, 0.2), (1.0, 0.5), (2.0, 0.4), (3.0, 0.9), (3.0, 0.6)]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+def test_published_numbers_match_protocol_strategy_and_hyperparameters():
+    assert published_for("split_mnist5k_class_il", "er", {"buffer_size": 500}).acc == 0.8612
+    assert published_for("split_mnist5k_class_il", "er", {"buffer_size": 200}) is None
+    assert published_for("rotated_mnist5k", "gem", {}).acc == 0.86
+    assert published_for("quickstart", "gem", {}) is None
+
+
+def test_a_protocol_with_a_published_number_gets_the_column_and_its_footnote(store, tmp_path):
+    record = next(r for r in store.records() if r.strategy == "naive")
+    renamed = ResultStore(f"sqlite:///{tmp_path}/p.db")
+    renamed.write(dataclasses.replace(record, experiment="rotated_mnist5k", run_key="p", id=None))
+    generate(renamed, tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "README.md").read_text()
+    row = table_rows(md)["naive"]
+    assert row["published ACC"] == "0.530 [1]"
+    assert "[1] Lopez-Paz &amp; Ranzato, GEM, NeurIPS 2017, Table 3" in md  # escaped like all text
+    assert "What differs:" in md
 
 
 def test_empty_store_gives_a_page_that_says_so(tmp_path):
@@ -63,7 +156,7 @@ def test_runs_with_other_settings_are_never_averaged_together(tmp_path):
             store.write(run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False))
     generate(store, tmp_path / "out", plots=False)
     md = (tmp_path / "out" / "README.md").read_text()
-    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    sections = [line for line in md.splitlines() if line.startswith("## ") and line != "## Definitions"]
     assert len(sections) == 2  # lr 0.05 and lr 0.1 are two setups
     assert sum("newest" in s for s in sections) == 1
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| er")]
@@ -82,13 +175,9 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
     store.write(older)
     generate(store, tmp_path / "out", plots=False)
     md = (tmp_path / "out" / "README.md").read_text()
-    assert sum(line.startswith("## ") for line in md.splitlines()) == 2
+    assert sum(line.startswith("## test-digits") for line in md.splitlines()) == 2
     assert "code cl-bench 0.0.1 (feedbeef)" in md and f"code {record.provenance['code_version']}" in md
-    assert md.count("| naive | 1 |") == 2  # one seed per section, not one row of two seeds
-
-
-def slug_png(title: str) -> str:
-    return f"{_slug(title)}.png"
+    assert md.count("| naive | - | 1 |") == 2  # one seed per section, not one row of two seeds
 
 
 def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_collide(tmp_path):
@@ -99,11 +188,12 @@ def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_c
         scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
         store.write(run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False))
     paths = generate(store, tmp_path / "board")
-    pngs = sorted(p.name for p in paths if p.suffix == ".png")
+    pngs = sorted(p.name for p in paths if p.name.endswith("-curves.png"))
     assert len(pngs) == 3 and pngs[0] != pngs[1]  # "a b" and "a-b" used to share a-b.png
     md = (tmp_path / "board" / "README.md").read_text()
     assert "<script>" not in md and "&lt;script&gt;" in md and "uses \\| pipes and &lt;b&gt;" in md
-    assert "<script>" not in (tmp_path / "board" / "index.html").read_text()
+    page = (tmp_path / "board" / "index.html").read_text()
+    assert page.count("<script>") == 1 and "&lt;script&gt;x" in page  # only the page's own sorting script
     with open(tmp_path / "board" / "results.csv") as f:
         experiments = {r["experiment"] for r in csv.DictReader(f)}
     assert "'=HYPERLINK(1)|<script>x</script>" in experiments  # not run as a formula by a spreadsheet

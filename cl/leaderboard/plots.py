@@ -60,6 +60,7 @@ def _fitted(ax, lows: list[float], highs: list[float]) -> None:
 
 def curves(protocol: Protocol, path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     views = [("matrix", f"{protocol.setting} accuracy")]
     if any(r.records[0].task_il_matrix for r in protocol.rows):
         views.append(("task_il_matrix", "task-IL accuracy"))
@@ -81,6 +82,7 @@ def curves(protocol: Protocol, path: Path) -> None:
             lows.append(float(np.nanmin(mean - half)))
             highs.append(float(np.nanmax(mean + half)))
         _fitted(ax, lows, highs)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("after training experience")
         ax.set_ylabel(f"mean {ylabel} on experiences seen")
         ax.grid(alpha=0.3)
@@ -120,8 +122,11 @@ def pareto(protocol: Protocol, path: Path) -> None:
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="grey", linewidth=0.8,
                 linestyle="--", zorder=0)
+        positive = [x for x, _ in points if x > 0]
         if key == "compute":
             ax.set_xscale("log")
+        elif positive and max(positive) > 20 * min(positive):  # e.g. joint's whole dataset beside small buffers
+            ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final ACC")
         ax.grid(alpha=0.3)

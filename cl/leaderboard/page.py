@@ -39,7 +39,7 @@ DEFINITIONS = [
 
 def md(text: Any) -> str:
     """Text from runs or experiment files, safe in Markdown: no HTML, no table breaks, one line."""
-    return html.escape(str(text)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def csv_cell(value: Any) -> Any:

@@ -35,9 +35,8 @@ def parameter_count(model: ModelSpec) -> int:
         raise
 
 
-def lower_bound(model: ModelSpec, stream: StreamInfo, stored_samples: int) -> tuple[int, str]:
-    """(bytes, what they are) that a run must hold at least."""
-    n = parameter_count(model)
+def lower_bound(n: int, stream: StreamInfo, stored_samples: int) -> tuple[int, str]:
+    """(bytes, what they are) that a run must hold at least, for a backbone of `n` parameters."""
     sample = (math.prod(stream.input_shape) + stream.n_classes) * BYTES
     total = MODEL_COPIES * BYTES * n + stored_samples * sample
     what = f"{n:,} model parameters x {MODEL_COPIES} copies"

@@ -20,7 +20,7 @@ from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
 from cl.errors import RunError, UserError
 from cl.evaluation import Evaluator
-from cl.footprint import available_bytes, gib, lower_bound
+from cl.footprint import available_bytes, gib, lower_bound, parameter_count
 from cl.metrics import compute_metrics
 from cl.params import params_to_dict
 from cl.provenance import code_version, package_of, provenance
@@ -89,9 +89,10 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     stream = scenario.stream_info(pipeline.output_shape)
     model = model_spec(config, stream)
     available = available_bytes(pipeline.device)
+    n_parameters = parameter_count(model) if available is not None else 0
     for component in config.strategies if components is None else components:
         strategy = STRATEGIES.get(component.name).obj
-        need, what = lower_bound(model, stream, strategy.stored_samples(component.params, stream))
+        need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
         if available is not None and need > available:  # first: incompatibility() may build the model
             raise UserError(f"strategy {component.label!r} needs at least {gib(need)} ({what}), but "
                             f"{pipeline.device.type} has {gib(available)} free; shrink [model] or the buffer sizes")

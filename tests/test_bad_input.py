@@ -56,6 +56,18 @@ def outcome(argv: list[str]) -> tuple[str, int, str]:
             return "trained", 0, err.getvalue()
 
 
+FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def check_cl(argv: list[str], experiment_text: str) -> None:
+    """Run `cl ARGV` in a fresh folder holding exp.toml, training replaced by a sentinel, and check
+    that it reached training or ended in one line with exit 2."""
+    with in_fresh_folder() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cl.runner, "run_one", _no_training)
+        (folder / "exp.toml").write_text(experiment_text, errors="surrogatepass")
+        assert_one_line_or_accepted(*outcome(argv))
+
+
 def assert_one_line_or_accepted(kind: str, rc: int, err: str) -> None:
     event(f"{kind} {rc}")
     if kind == "trained" or rc == 0:
@@ -117,17 +129,14 @@ def malformed_experiments(draw) -> dict[str, Any]:
     return raw
 
 
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(FUZZ, max_examples=120)
 @given(raw=malformed_experiments())
 def test_malformed_experiment_files_get_one_line_errors(raw):
-    with in_fresh_folder() as folder, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cl.runner, "run_one", _no_training)
-        try:
-            text = to_toml(raw)
-        except (TypeError, ValueError):  # a value our small TOML writer cannot express
-            return
-        (folder / "exp.toml").write_text(text, errors="surrogatepass")
-        assert_one_line_or_accepted(*outcome(["run", "exp.toml", "--no-progress", "--device", "cpu"]))
+    try:
+        text = to_toml(raw)
+    except (TypeError, ValueError):  # a value our small TOML writer cannot express
+        return
+    check_cl(["run", "exp.toml", "--no-progress", "--device", "cpu"], text)
 
 
 OPTION_VALUES = st.one_of(st.sampled_from(["0", "1", "-1", "nan", "x", "", "0 0", "9" * 30, "exp.toml",
@@ -161,10 +170,7 @@ def command_lines(draw) -> list[str]:
     return argv
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(FUZZ, max_examples=300)
 @given(argv=command_lines())
 def test_malformed_command_lines_get_one_line_errors(argv):
-    with in_fresh_folder() as folder, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cl.runner, "run_one", _no_training)
-        (folder / "exp.toml").write_text(to_toml(make_raw()))
-        assert_one_line_or_accepted(*outcome(argv))
+    check_cl(argv, to_toml(make_raw()))

@@ -1,0 +1,62 @@
+"""The thread budget (cl/threads.py): the cores shared among the cl processes running."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cl import threads
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "REGISTRY", tmp_path)
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    monkeypatch.setattr(threads, "_requested", None)
+    return tmp_path
+
+
+def test_cores_are_shared_among_live_processes_and_dead_ones_are_forgotten(registry):
+    (registry / str(os.getpid())).touch()
+    assert threads.live_processes() == 1 and threads.share() == 8
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    try:
+        for proc in [*sleepers, finished]:
+            (registry / str(proc.pid)).touch()
+        (registry / "not-a-pid").touch()
+        assert threads.live_processes() == 3
+        assert threads.share() == 8 // 3
+        assert not (registry / str(finished.pid)).exists()  # a dead process's entry is removed
+        sleepers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        (registry / str(sleepers[-1].pid)).touch()
+        assert threads.share() == 8 // 4
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
+    assert threads.share() == 8  # the others ended: this process gets every core back
+    monkeypatch_cores = 1
+    threads.cores = lambda: monkeypatch_cores  # restored by the fixture's monkeypatch
+    (registry / "1").touch()  # init: always running
+    assert threads.share() == 1  # more processes than cores: one thread each, never zero
+
+
+def test_claim_sets_torch_threads_and_a_requested_count_is_kept(registry, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_registered", None)
+    try:
+        assert threads.claim(1) == 1 and torch.get_num_threads() == 1
+        assert (registry / str(os.getpid())).exists()
+        (registry / "1").touch()  # init: always alive
+        assert threads.rebalance() == 1  # --threads fixes it
+        threads._requested = None
+        assert threads.rebalance() == 4 and torch.get_num_threads() == 4  # 8 cores, 2 processes
+    finally:
+        threads.release()
+        torch.set_num_threads(before)
+    assert not (registry / str(os.getpid())).exists()

@@ -11,7 +11,12 @@ matrices must agree exactly; the script checks that before it reports the
 ratio of wall times (median over --repeats runs, the two sides alternating
 which goes first).
 
-    python benchmarks/overhead.py [--repeats 5] [--device cpu] [--data-dir DIR]
+Stacked rows: the same run for 3 and 9 seeds trained as one stacked model
+(`cl.runner.run_stacked`, what `cl run` does by default), timed per run and set
+against the bare loop and against separate `cl` runs; their accuracy matrices
+must agree with the separate runs of the same seeds to 0.01.
+
+    python benchmarks/overhead.py [--repeats 5] [--device cpu] [--data-dir DIR] [--stack 3 9]
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 
 from cl.config import build_experiment
 from cl.registry import MODELS
-from cl.runner import build_scenario, load_datasets, resolve_device, run_one
+from cl.runner import build_scenario, load_datasets, resolve_device, run_one, run_stacked
 from cl.seeding import RUN_STREAMS, spawn_seeds
 
 
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
+    parser.add_argument("--stack", type=int, nargs="*", default=[3, 9], metavar="K",
+                        help="stacked group sizes to time (default 3 9; none to skip)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
@@ -115,7 +122,8 @@ def main() -> None:
                            ("er", {"name": "er", "buffer_size": 500, "replay_batch_size": 10})]:
         cfg = experiment(args.data_dir, strategy)
         scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0).to(device)
-        ours, bare = [], []
+        ours, bare, by_seed = [], [], {}
+        stacked: dict[int, list[float]] = {k: [] for k in args.stack}
         for rep in range(args.repeats):
             # Alternate which side goes first, so neither always runs on a warmer machine.
             for side in (("cl", "bare") if rep % 2 == 0 else ("bare", "cl")):
@@ -123,6 +131,7 @@ def main() -> None:
                 if side == "cl":
                     record = run_one(cfg, cfg.strategies[0], scenario, rep, device, progress=False)
                     ours.append(time.perf_counter() - t0)
+                    by_seed[rep] = record
                 else:
                     rows = bare_loop(cfg, scenario, device, rep, replay=name == "er")
                     bare.append(time.perf_counter() - t0)
@@ -131,11 +140,25 @@ def main() -> None:
                        for a, b in zip(row_ours, row_bare))
             if not same:
                 raise SystemExit(f"{name}: cl and the bare loop disagree; the comparison is not like for like")
+            for k in args.stack:
+                t0 = time.perf_counter()
+                members = run_stacked(cfg, cfg.strategies[0], [scenario] * k, list(range(k)), device, progress=False)
+                stacked[k].append((time.perf_counter() - t0) / k)
+                for member in members:
+                    alone = by_seed.get(member.seed)
+                    if alone is not None and max(abs(a - b) for ra, rb in zip(member.matrix, alone.matrix)
+                                                 for a, b in zip(ra, rb)) > 0.01:
+                        raise SystemExit(f"{name}: stacked seed {member.seed} disagrees with its run alone")
         ratio = statistics.median(o / b for o, b in zip(ours, bare))
         print(f"{name:<6} cl median {statistics.median(ours):5.2f}s best {min(ours):5.2f}s | "
               f"bare median {statistics.median(bare):5.2f}s best {min(bare):5.2f}s | "
               f"ratio: median of per-run ratios {ratio:.3f}, best/best {min(ours) / min(bare):.3f} | "
               f"final ACC {record.metrics.acc:.3f}, identical matrices")
+        for k, times in stacked.items():
+            per_run = statistics.median(times)
+            print(f"{name:<6} stacked x{k}: {per_run:5.2f}s per run | vs bare loop {per_run / statistics.median(bare):.3f} "
+                  f"| speed-up over separate cl runs {statistics.median(ours) / per_run:.2f}x | "
+                  f"matrices within 0.01 of the runs alone")
 
 
 if __name__ == "__main__":

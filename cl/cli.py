@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from cl import threads
 from cl.errors import RunError, UserError
 from cl.store import DEFAULT_STORE
 
@@ -43,6 +44,17 @@ def _first_time(action: argparse.Action, parser: argparse.ArgumentParser, namesp
     if option_string is not None and action.dest in given:
         parser.error(f"{option_string} is given twice; give it once (only --set and --strategy repeat)")
     given.add(action.dest)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 class StoreOnce(argparse._StoreAction):
@@ -92,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--resume", action="store_true",
                      help="skip runs already stored, continue unfinished ones from their last checkpoint")
+    run.add_argument("--no-stack", action="store_true",
+                     help="train every run on its own (default: the seeds of a stackable strategy that share "
+                          "every shape train as one stacked model; the results are the same)")
+    run.add_argument("--threads", type=positive_int, metavar="N",
+                     help="compute threads for this process (default: the cores shared among the cl processes "
+                          "running on this machine, re-checked at every experience)")
 
     pre = sub.add_parser("pretrain", help="train a backbone on a source dataset and save it as a checkpoint")
     pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain_vit_mnist5k.toml")
@@ -99,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a value, e.g. training.epochs=5")
     pre.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     pre.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pre.add_argument("--threads", type=positive_int, metavar="N",
+                     help="compute threads for this process (default: the cores shared among cl processes)")
 
     lst = sub.add_parser("list", help="list registered strategies, scenarios, datasets, models, "
                                       "or the training and transforms options")
@@ -147,11 +167,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     store = ResultStore(args.store, busy_timeout=args.busy_timeout)
     store.check_writable()  # before anything trains
+    threads.claim(args.threads)
     records = []
     for config in configs:
         print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
               f"on {device}, results -> {args.store}", flush=True)
-        records += run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume)
+        records += run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume,
+                                  stack=not args.no_stack)
     for config in configs:
         completed = [r for r in records if r.status == "completed" and r.experiment == config.name]
         if completed:
@@ -190,6 +212,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config, output = load_pretraining(args.file, args.overrides)
     device = resolve_device(args.device)
+    threads.claim(args.threads)
     info = pretrain(config, output, device, progress=not args.no_progress)
     print(f"pretrained {config.model.name} on {', '.join(d['name'] for d in info['dataset'])} in {info['seconds']:.1f}s: "
           f"test accuracy {info['test_accuracy']:.3f} -> {output} (data sha256 {info['data_sha256'][:12]})")

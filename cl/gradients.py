@@ -23,11 +23,16 @@ def flat_grad(params: list[nn.Parameter], grads: Sequence[torch.Tensor | None] |
 
 
 def set_flat_grad(params: list[nn.Parameter], vector: torch.Tensor) -> None:
-    """Write a flat vector back into the parameters' .grad (the inverse of `flat_grad`)."""
+    """Write a flat vector back into the parameters' .grad (the inverse of `flat_grad`), in place where
+    a .grad exists (in a stacked run it is a view of the stack's gradient)."""
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = vector[offset: offset + n].view_as(p).clone()
+        part = vector[offset: offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad.copy_(part)
         offset += n
 
 

@@ -40,6 +40,9 @@ class Budgets:
     backward_samples: int
     eval_forward_samples: int
     scenario_bytes: int  # the scenario's data on the device (shared data counted once)
+    # Runs trained together as one stacked model (cl/stacking.py), this one included; their wall and
+    # train times are the group's, so one run's share is wall_seconds / stacked_runs.
+    stacked_runs: int = 1
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """The runner: experiment config -> scenario -> strategy.fit / evaluator -> run record -> store."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -9,12 +10,14 @@ import re
 import shutil
 import time
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cl import threads
 from cl.config import Component, ExperimentConfig
 from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
@@ -27,6 +30,7 @@ from cl.provenance import code_version, package_of, provenance
 from cl.record import Budgets, Metrics, RunRecord
 from cl.resume import RunCheckpoint, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
+from cl.stacking import StackedRuns, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
 from cl.transforms import InputPipeline, channel_statistics
@@ -147,6 +151,119 @@ def run_key(identity: dict[str, Any]) -> str:
     return _key([identity[k] for k in ("experiment", "label", "strategy", "seed", "setup", "strategy_package")])
 
 
+class Run:
+    """One run's life: its strategy, evaluator and checkpoint; the checks and evaluation after each
+    experience; the record at the end. `run_one` drives one run; `run_stacked` several at once."""
+
+    def __init__(self, config: ExperimentConfig, component: Component, scenario: Scenario, seed: int,
+                 device: torch.device, pipeline: InputPipeline | None, checkpoints: Path | None, resume: bool):
+        self.start = time.perf_counter()
+        self.config, self.component, self.scenario, self.seed, self.device = config, component, scenario, seed, device
+        self.identity = run_identity(config, component, seed, device)
+        if device.type == "cuda":  # PyTorch's default lets cuDNN convolutions use TF32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.training.cuda_tf32
+        self.strategy = build_strategy(component, config, scenario, device, seed, pipeline)
+        self.strategy.loss_monitor = LossMonitor(config.divergence)
+        self.evaluator = Evaluator(scenario, config.training.eval_batch_size)
+        self.checkpoint = RunCheckpoint(checkpoints, self.identity) if checkpoints is not None else None
+        saved = self.checkpoint.load() if self.checkpoint is not None and resume else None
+        self.done, self.earlier_seconds, self.eval_seconds = 0, 0.0, 0.0  # experiences done before this process
+        if saved is not None:
+            self.checkpoint.restore(saved, self.strategy, self.evaluator, self.strategy.loss_monitor)
+            self.done, self.earlier_seconds, self.eval_seconds = (saved["experiences_done"], saved["seconds"],
+                                                                  saved["eval_seconds"])
+        self.status, self.failure, self.current = "completed", None, self.done  # current: 1-based experience
+        self.first_evaluation = self.done == 0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "completed"
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Inside the block, an exception stops the run and is recorded (bad input still raises)."""
+        try:
+            yield
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as exc:  # the run is recorded as it stopped; the invocation goes on
+            self.stop(exc)
+
+    def stop(self, exc: BaseException) -> None:
+        self.status = "diverged" if isinstance(exc, Diverged) else "failed"
+        self.failure = {"experience": self.current, "step": self.strategy.step, "reason": failure_reason(exc),
+                        "traceback": "".join(traceback.format_exception(exc))}
+
+    def evaluate(self, row: int) -> None:
+        t0 = time.perf_counter()
+        self.evaluator.evaluate_row(row, self.strategy)
+        self.eval_seconds += time.perf_counter() - t0
+
+    def begin(self) -> None:
+        if self.done == 0:
+            self.evaluate(0)
+
+    def progress_bar(self, i: int, steps: int, progress: bool, who: str) -> tqdm:
+        return tqdm(total=steps, desc=f"{self.component.label} {who} exp {i + 1}/{self.scenario.n_experiences}",
+                    leave=False, disable=None if progress else True, unit="step", mininterval=0.5)
+
+    def after_experience(self, i: int) -> None:
+        """Checks and evaluation once experience i (0-based) has been trained; a checkpoint unless last."""
+        strategy, T = self.strategy, self.scenario.n_experiences
+        strategy.loss_monitor.check()
+        if not strategy.all_finite():
+            raise Diverged(f"the weights are no longer finite after training experience {i + 1}; "
+                           f"lower training.lr (now {self.config.training.lr})")
+        self.evaluator.mark_trained(i)
+        if not strategy.joint_training or i == T - 1:
+            self.evaluate(i + 1)
+            if self.first_evaluation:  # rule 3 of cl/divergence.py
+                self.first_evaluation = False
+                own = self.evaluator.task_il_matrix if self.evaluator.task_il_matrix is not None \
+                    else self.evaluator.matrix
+                reason = learned_nothing(float(own[i + 1, i]), majority_share(self.scenario.test[i]),
+                                         self.config.divergence.learned_margin)
+                if reason is not None:
+                    raise Diverged(reason)
+        if self.checkpoint is not None and i < T - 1:
+            self.checkpoint.save(i + 1, strategy, self.evaluator, strategy.loss_monitor, self.seconds(),
+                                 self.eval_seconds)
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.start
+
+    def record(self, stacked_with: int = 1) -> RunRecord:
+        config, component, scenario, strategy = self.config, self.component, self.scenario, self.strategy
+        wall = self.seconds()
+        evaluator, identity = self.evaluator, self.identity
+        task_il = evaluator.task_il_matrix
+        completed = self.status == "completed"
+        compute = strategy.compute
+        return RunRecord(
+            run_key=run_key(identity),
+            setup_key=_key(identity["setup"], 16),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            experiment=config.name, strategy=component.label, strategy_name=component.name,
+            params=params_to_dict(component.params), seed=self.seed, status=self.status, setting=scenario.setting,
+            matrix=_jsonable(evaluator.matrix), task_il_matrix=_jsonable(task_il) if task_il is not None else None,
+            metrics=Metrics(**compute_metrics(evaluator.matrix)) if completed else Metrics.unmeasured(),
+            task_il_metrics=Metrics(**compute_metrics(task_il)) if completed and task_il is not None else None,
+            budgets=Budgets(wall_seconds=wall, train_seconds=wall - self.eval_seconds, eval_seconds=self.eval_seconds,
+                            memory_bytes=strategy.memory_bytes(), model_bytes=strategy.model_bytes(),
+                            forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
+                            eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes(),
+                            stacked_runs=stacked_with),
+            logs=strategy.logs.as_lists(scenario.n_experiences),
+            scenario=scenario.description,
+            config={**config.setup(), "strategy": {"name": component.name, "label": component.label,
+                                                   **params_to_dict(component.params)},
+                    "experiment_file": config.source, "description": config.description},
+            provenance=provenance(self.device, type(strategy).__module__),
+            model_stats=strategy.model_statistics() if completed else {},
+            failure=self.failure,
+        )
+
+
 def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, seed: int, device: torch.device,
             progress: bool = True, pipeline: InputPipeline | None = None,
             checkpoints: Path | None = None, resume: bool = False) -> RunRecord:
@@ -155,88 +272,62 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
 
     With `checkpoints` (a folder), a checkpoint is written after every experience; with `resume`, the
     run continues from the one found there (cl/resume.py)."""
-    start = time.perf_counter()
-    identity = run_identity(config, component, seed, device)
-    strategy = build_strategy(component, config, scenario, device, seed, pipeline)
-    strategy.loss_monitor = LossMonitor(config.divergence)
-    evaluator = Evaluator(scenario, config.training.eval_batch_size)
-    checkpoint = RunCheckpoint(checkpoints, identity) if checkpoints is not None else None
-    saved = checkpoint.load() if checkpoint is not None and resume else None
-    done, earlier_seconds, eval_seconds = 0, 0.0, 0.0
-    if saved is not None:
-        checkpoint.restore(saved, strategy, evaluator, strategy.loss_monitor)
-        done, earlier_seconds, eval_seconds = saved["experiences_done"], saved["seconds"], saved["eval_seconds"]
+    run = Run(config, component, scenario, seed, device, pipeline, checkpoints, resume)
+    with run.recording():
+        run.begin()
+        for i, exp in enumerate(scenario.train[run.done:], start=run.done):
+            run.current = i + 1
+            threads.rebalance()
+            with run.progress_bar(i, run.strategy.steps_per_experience(exp), progress, f"seed {seed}") as bar:
+                run.strategy.progress = bar
+                run.strategy.fit(exp)
+                run.strategy.progress = None
+            run.after_experience(i)
+    return run.record()
 
-    def evaluate(row: int) -> None:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        evaluator.evaluate_row(row, strategy)
-        eval_seconds += time.perf_counter() - t0
 
-    T = scenario.n_experiences
-    status, failure, current = "completed", None, done  # current: 1-based experience being trained
-    first_evaluation = done == 0
-    try:
-        if done == 0:
-            evaluate(0)
-        for i, exp in enumerate(scenario.train[done:], start=done):
-            current = i + 1
-            desc = f"{component.label} seed {seed} exp {i + 1}/{T}"
-            with tqdm(total=strategy.steps_per_experience(exp), desc=desc, leave=False,
-                      disable=None if progress else True, unit="step", mininterval=0.5) as bar:
-                strategy.progress = bar
-                strategy.fit(exp)
-                strategy.progress = None
-            strategy.loss_monitor.check()
-            if not strategy.all_finite():
-                raise Diverged(f"the weights are no longer finite after training experience {i + 1}; "
-                               f"lower training.lr (now {config.training.lr})")
-            evaluator.mark_trained(i)
-            if not strategy.joint_training or i == T - 1:
-                evaluate(i + 1)
-                if first_evaluation:  # rule 3 of cl/divergence.py
-                    first_evaluation = False
-                    own = evaluator.task_il_matrix if evaluator.task_il_matrix is not None else evaluator.matrix
-                    reason = learned_nothing(float(own[i + 1, i]), majority_share(scenario.test[i]),
-                                             config.divergence.learned_margin)
-                    if reason is not None:
-                        raise Diverged(reason)
-            if checkpoint is not None and i < T - 1:
-                checkpoint.save(i + 1, strategy, evaluator, strategy.loss_monitor,
-                                earlier_seconds + time.perf_counter() - start, eval_seconds)
-    except (KeyboardInterrupt, UserError):
-        raise
-    except Exception as exc:  # the run is recorded as it stopped; the invocation goes on
-        status = "diverged" if isinstance(exc, Diverged) else "failed"
-        failure = {"experience": current, "step": strategy.step, "reason": failure_reason(exc),
-                   "traceback": traceback.format_exc()}
-    wall = earlier_seconds + time.perf_counter() - start
+def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[Scenario], seeds: list[int],
+                device: torch.device, progress: bool = True, pipelines: list[InputPipeline] | None = None,
+                checkpoints: list[Path] | None = None) -> list[RunRecord]:
+    """Train the runs of one strategy for several seeds as one stacked model (cl/stacking.py) and return
+    their records, one per seed, as `run_one` would. A run that stops (diverged, failed) leaves the
+    stack; the others go on. The scenarios' experiences must have the same lengths (`stack_signature`)."""
+    runs = [Run(config, component, scenario, seed, device, pipeline, folder, False)
+            for scenario, seed, pipeline, folder in zip(scenarios, seeds, pipelines or [None] * len(seeds),
+                                                        checkpoints or [None] * len(seeds))]
+    for run in runs:
+        with run.recording():
+            run.begin()
+    for i in range(scenarios[0].n_experiences):
+        live = [run for run in runs if run.running]
+        if not live:
+            break
+        for run in live:
+            run.current = i + 1
+        threads.rebalance()
+        experiences = [run.scenario.train[i] for run in live]
+        who = f"seeds {','.join(str(run.seed) for run in live)}"
+        try:
+            with live[0].progress_bar(i, live[0].strategy.steps_per_experience(experiences[0]), progress, who) as bar:
+                if len(live) == 1:
+                    live[0].strategy.fit(experiences[0])
+                else:
+                    StackedRuns([run.strategy for run in live]).fit(experiences, bar)
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as exc:  # a step of the stack failed: every run in it stopped there
+            for run in live:
+                run.stop(exc)
+            continue
+        for run in live:
+            with run.recording():
+                run.after_experience(i)
+    return [run.record(stacked_with=len(runs)) for run in runs]
 
-    task_il = evaluator.task_il_matrix
-    completed = status == "completed"
-    compute = strategy.compute
-    return RunRecord(
-        run_key=run_key(identity),
-        setup_key=_key(identity["setup"], 16),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        experiment=config.name, strategy=component.label, strategy_name=component.name,
-        params=params_to_dict(component.params), seed=seed, status=status, setting=scenario.setting,
-        matrix=_jsonable(evaluator.matrix), task_il_matrix=_jsonable(task_il) if task_il is not None else None,
-        metrics=Metrics(**compute_metrics(evaluator.matrix)) if completed else Metrics.unmeasured(),
-        task_il_metrics=Metrics(**compute_metrics(task_il)) if completed and task_il is not None else None,
-        budgets=Budgets(wall_seconds=wall, train_seconds=wall - eval_seconds, eval_seconds=eval_seconds,
-                        memory_bytes=strategy.memory_bytes(), model_bytes=strategy.model_bytes(),
-                        forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
-                        eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes()),
-        logs=strategy.logs.as_lists(T),
-        scenario=scenario.description,
-        config={**config.setup(), "strategy": {"name": component.name, "label": component.label,
-                                               **params_to_dict(component.params)},
-                "experiment_file": config.source, "description": config.description},
-        provenance=provenance(device, type(strategy).__module__),
-        model_stats=strategy.model_statistics() if completed else {},
-        failure=failure,
-    )
+
+def stack_signature(scenario: Scenario) -> tuple:
+    """Runs whose scenarios share this (and the strategy) can be stacked: every shape is the same."""
+    return (tuple(len(e) for e in scenario.train), scenario.input_shape, scenario.n_classes, scenario.n_tasks)
 
 
 def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
@@ -244,34 +335,64 @@ def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.device, progress: bool = True,
-                   log: Callable[[str], None] = print, resume: bool = False) -> list[RunRecord]:
-    """Run every (seed, strategy) of the experiment; each finished run is stored at once. Every run
+                   log: Callable[[str], None] = print, resume: bool = False, stack: bool = True) -> list[RunRecord]:
+    """Run every (strategy, seed) of the experiment; each finished run is stored at once. Every run
     writes a checkpoint after each experience (in `store.checkpoint_root`, removed once the run is
     stored). With `resume`, completed runs already in the store are skipped and keep their ids, and
-    unfinished ones continue from their last checkpoint."""
+    unfinished ones continue from their last checkpoint. With `stack`, the seeds of a stackable
+    strategy whose scenarios share every shape train as one stacked model (`run_stacked`); a run
+    resumed from a checkpoint trains alone."""
     datasets = load_datasets(config.datasets)
-    records = []
+    scenarios, pipelines = {}, {}
     for i, seed in enumerate(config.seeds):
-        scenario = build_scenario(config, datasets, seed).to(device)
-        pipeline = input_pipeline(config, scenario, device)
+        scenarios[seed] = build_scenario(config, datasets, seed).to(device)
+        pipelines[seed] = input_pipeline(config, scenarios[seed], device)
         if i == 0:
-            check_compatibility(config, scenario, pipeline)  # every strategy, before the first run trains
-        for component in config.strategies:
-            if resume:
-                done = store.completed(run_key(run_identity(config, component, seed, device)))
-                if done is not None:
-                    records.append(done)
-                    log(f"{describe_run(done)}  (already stored)")
-                    continue
-            folder = run_folder(store.checkpoint_root, config.name, component.label, seed)
-            record = run_one(config, component, scenario, seed, device, progress, pipeline, folder, resume)
-            stored = store.write_or_keep(record)
-            record.id = stored if isinstance(stored, int) else None
-            shutil.rmtree(folder, ignore_errors=True)  # finished: in the store, or kept in a file
-            records.append(record)
-            log(describe_run(record) if record.id is not None else
-                f"{describe_run(record)}  NOT STORED (the store refused it): kept in {stored}")
+            check_compatibility(config, scenarios[seed], pipelines[seed])  # every strategy, before any trains
+    records = []
+    for component in config.strategies:
+        pending = []
+        for seed in config.seeds:
+            done = store.completed(run_key(run_identity(config, component, seed, device))) if resume else None
+            if done is not None:
+                records.append(done)
+                log(f"{describe_run(done)}  (already stored)")
+            else:
+                pending.append(seed)
+        folders = {seed: run_folder(store.checkpoint_root, config.name, component.label, seed) for seed in pending}
+        for group in stack_groups(component, pending, scenarios, stack,
+                                  {seed for seed in pending if resume and folders[seed].exists()}):
+            if len(group) == 1:
+                seed = group[0]
+                finished = [run_one(config, component, scenarios[seed], seed, device, progress, pipelines[seed],
+                                    folders[seed], resume)]
+            else:
+                finished = run_stacked(config, component, [scenarios[s] for s in group], group, device, progress,
+                                       [pipelines[s] for s in group], [folders[s] for s in group])
+            for seed, record in zip(group, finished):
+                stored = store.write_or_keep(record)
+                record.id = stored if isinstance(stored, int) else None
+                shutil.rmtree(folders[seed], ignore_errors=True)  # finished: in the store, or kept in a file
+                records.append(record)
+                log(describe_run(record) if record.id is not None else
+                    f"{describe_run(record)}  NOT STORED (the store refused it): kept in {stored}")
     return records
+
+
+def stack_groups(component: Component, seeds: list[int], scenarios: dict[int, Scenario], stack: bool,
+                 resumed: set[int]) -> list[list[int]]:
+    """The seeds to train together: one group per stack signature when the strategy is stackable and
+    `stack` is on; a seed alone when it resumes from a checkpoint or shares its shapes with no other."""
+    if not stack or stacking_problem(STRATEGIES.get(component.name).obj) is not None:
+        return [[seed] for seed in seeds]
+    groups: dict[tuple, list[int]] = {}
+    alone = []
+    for seed in seeds:
+        if seed in resumed:
+            alone.append([seed])
+        else:
+            groups.setdefault(stack_signature(scenarios[seed]), []).append(seed)
+    return alone + list(groups.values())
 
 
 def describe_run(record: RunRecord) -> str:

@@ -15,7 +15,7 @@ Lifecycle of a run:
         optimizer built (first experience, or every one with optimizer_policy = "reset";
                          with "keep", parameters added since join it)
         train_experience(exp)       default: `epochs` passes of shuffled batches, each a train_step:
-            zero_grad -> out = loss(batch) -> out.loss.backward()
+            zero_grad -> out = loss(batch) [= objective(draw(batch))] -> out.loss.backward()
             -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
             -> after_step(batch, out) -> out.terms logged
         end_experience(exp)         still in train mode; runs before the evaluation
@@ -31,8 +31,14 @@ Hooks to override (all optional):
     optimizer_parameters()     the named parameters the optimizer updates (default: all trainable ones)
     begin_experience(exp)      before training on an experience
     train_experience(exp)      what to train on (default: the experience itself)
-    loss(batch)                the objective: a scalar tensor, or a StepOutput with the
-                               logits, sampled buffer indices and named loss terms
+    draw(batch)                what a step needs beyond the model: a dict of tensors (the batch,
+                               buffer samples); every random draw of the step happens here
+    objective(inputs)          the loss of those inputs: a scalar tensor, or a StepOutput with the
+                               logits and named loss terms; a pure function of `inputs`, the model
+                               and the `member_state` attributes (no random draws, no branching on
+                               tensor values), so that it can run stacked (cl/stacking.py)
+    loss(batch)                default objective(draw(batch)); a strategy that cannot split its step
+                               overrides loss instead (and is then not stackable)
     adjust_gradients(batch, out)  read / rewrite .grad between backward and step (GEM, A-GEM)
     after_step(batch, out)     after the optimizer step (fill buffers, SI's path integral)
     end_experience(exp)        after training (snapshot the model, rebalance buffers)
@@ -41,7 +47,7 @@ Hooks to override (all optional):
 Class attributes: `Params` (a parameter dataclass), `kept` (names of the
 attributes that hold what the strategy keeps: they make `memory_bytes()` and
 are saved by `state_dict()`), `supported_settings`, `supported_models`,
-`joint_training`; `incompatibility(params, stream, model)` refuses a stream or model in one line,
+`joint_training`, `stackable` and `member_state` (see cl/stacking.py); `incompatibility(params, stream, model)` refuses a stream or model in one line,
 `model_statistics()` adds numbers about the model to the run record. Register the class with
 `@register_strategy("name")`.
 """
@@ -58,6 +64,7 @@ from torch import nn
 from cl.errors import UserError
 from cl.data import SETTINGS, Experience, Samples, StreamInfo, tensor_bytes
 from cl.models import module_bytes
+from cl.losses import cross_entropy
 from cl.params import NoParams
 from cl.seeding import RUN_STREAMS, spawn_seeds
 from cl.training import (ComputeCount, ExperienceLog, TrainingParams, all_finite, make_optimizer,
@@ -78,7 +85,6 @@ class StepOutput:
 
     loss: torch.Tensor
     logits: torch.Tensor | None = None  # logits of the stream batch (its len(batch.y) rows)
-    index: torch.Tensor | None = None  # buffer slots sampled in this step
     terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # logged as per-experience means
 
 
@@ -120,6 +126,14 @@ class Strategy:
     #: True for strategies that must see the whole stream before training (joint):
     #: the runner then evaluates only before training and after the last experience.
     joint_training: bool = False
+    #: True when the step is written as draw() + objective() and trains only `self.model` with the
+    #: default train_experience: the runs of the strategy that share every shape (its seeds) then
+    #: train as one stacked model (cl/stacking.py). Set it only where that holds.
+    stackable: bool = False
+    #: Attributes the objective reads that differ between runs, besides the model and the task-IL
+    #: mask: modules (a teacher), tensors, or dicts / lists of tensors (importances, anchors). When
+    #: runs are stacked they are stacked once per experience, so they must not change during one.
+    member_state: tuple[str, ...] = ()
 
     def __init__(self, params: Any, context: StrategyContext):
         self.params = params
@@ -207,14 +221,22 @@ class Strategy:
 
     # ----- the training loop ------------------------------------------------------
     def fit(self, exp: Experience) -> None:
+        self.begin_fit(exp)
+        self._prepare_optimizer()
+        self.train_experience(exp)
+        self.end_fit(exp)
+
+    def begin_fit(self, exp: Experience) -> None:
+        """What fit() does before the optimizer is prepared (the stacked engine calls it too)."""
         self.experience = exp
         self.step = 0
         if self._task_classes is not None:
             self._task_classes[exp.task_id, exp.classes] = True
         self.train()
         self.begin_experience(exp)
-        self._prepare_optimizer()
-        self.train_experience(exp)
+
+    def end_fit(self, exp: Experience) -> None:
+        """What fit() does after training on the experience."""
         self.end_experience(exp)
         self.logs.end_experience(exp.id)
 
@@ -314,8 +336,16 @@ class Strategy:
         pass
 
     def loss(self, batch: Batch) -> torch.Tensor | StepOutput:
-        logits = self.forward(batch.x, batch.t)
-        return StepOutput(F.cross_entropy(logits, batch.y), logits=logits)
+        return self.objective(self.draw(batch))
+
+    def draw(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The step's inputs: the batch, and whatever the step samples (buffer draws, prepared)."""
+        return {"x": batch.x, "y": batch.y, "t": batch.t}
+
+    def objective(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | StepOutput:
+        """The loss of one step's inputs (see the module doc for what it may read)."""
+        logits = self.forward(inputs["x"], inputs["t"])
+        return StepOutput(cross_entropy(logits, inputs["y"]), logits=logits)
 
     def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
         pass
@@ -360,8 +390,11 @@ class Strategy:
 
     # ----- state ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit; like PyTorch's, it holds references (torch.save it)."""
-        return {"modules": {name: m.state_dict() for name, m in self.trainable_modules().items()},
+        """Everything needed to continue bit for bit (torch.save it). Module tensors are copies (in a
+        stacked run they are views of the stack, which torch.save would write whole); the rest, like
+        PyTorch's state dicts, holds references."""
+        return {"modules": {name: {k: v.clone() for k, v in m.state_dict().items()}
+                            for name, m in self.trainable_modules().items()},
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "compute": self.compute.state_dict(),
                 "logs": self.logs.state_dict(), "task_classes": self._task_classes,

@@ -46,6 +46,8 @@ class TrainingParams:
     task_il_mask: bool = param(True, "task-IL scenarios: train each sample's logits over its task's classes "
                                      "only (as the GEM code does); false = over all classes")
     eval_batch_size: int = param(2000, "samples per forward pass during evaluation", low=1)
+    cuda_tf32: bool = param(False, "CUDA only: let convolutions and matrix products use TF32 (faster on "
+                                   "Ampere and later cards, ~1e-3 relative error); false = full float32, as on CPU")
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -94,7 +96,8 @@ class ComputeCount:
     the previous counted call (`model.head(model.features(x))`) continues that pass
     and is not counted again. Its samples count as backward samples too when its
     output requires a gradient. Calls inside `torch.func.vmap` see one mapped slice,
-    not the batch, and are not counted: count those passes with `add(n)`.
+    not the batch, and are not counted: count those passes with `add(n)`. The stacked
+    engine, whose vmap maps over runs rather than samples, sets `count_vmapped`.
     """
 
     def __init__(self) -> None:
@@ -102,6 +105,7 @@ class ComputeCount:
         self.backward_samples = 0
         self.eval_forward_samples = 0
         self.evaluating = False
+        self.count_vmapped = False  # count calls inside vmap by their logical batch (cl/stacking.py)
         self._depth = 0  # 1 while a counted forward call is in progress
         self._last_output: Callable[[], Any] = lambda: None  # weak reference to the last counted output
 
@@ -167,7 +171,8 @@ class CountedModule:
         if count._depth:  # inside a counted call: already counted
             return super().__call__(*args, **kwargs)
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x is count._last_output() or _is_vmapped(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x is count._last_output() \
+                or (_is_vmapped(x) and not count.count_vmapped):
             return super().__call__(*args, **kwargs)
         count._depth = 1
         try:
@@ -176,7 +181,7 @@ class CountedModule:
             count._depth = 0
         if isinstance(out, torch.Tensor):
             count._last_output = weakref.ref(out)
-        count.add(x.shape[0], backward=isinstance(out, torch.Tensor) and out.requires_grad)
+        count.add(x.shape[0], backward=isinstance(out, torch.Tensor) and requires_grad(out))
         return out
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
@@ -204,6 +209,13 @@ def _counting_class(cls: type) -> type:
 def _is_vmapped(x: torch.Tensor) -> bool:
     """True for a tensor seen inside torch.func.vmap (its first dimension is not the batch)."""
     return bool(torch._C._functorch.is_batchedtensor(x))
+
+
+def requires_grad(x: torch.Tensor) -> bool:
+    """Whether autograd records `x`; inside vmap, that of the stacked tensor it is a slice of."""
+    while _is_vmapped(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x.requires_grad
 
 
 def _restore_module(cls: type, state: dict[str, Any]) -> nn.Module:

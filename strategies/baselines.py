@@ -12,6 +12,8 @@ from cl.strategy import Strategy
 class Naive(Strategy):
     """Fine-tuning: train on each experience in turn with no protection against forgetting."""
 
+    stackable = True
+
 
 class SeenData:
     """The training samples of every experience seen so far, in stored form (transforms applied)."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from cl.buffers import Buffer, Herding, Reservoir
 from cl.data import Experience, Samples, StreamInfo
+from cl.losses import cross_entropy
 from cl.params import param
 from cl.registry import register_strategy
 from cl.strategy import Batch, StepOutput, Strategy
@@ -44,8 +45,14 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of the student's softened distribution against the teacher's, averaged over samples."""
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                 classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the student's softened distribution against the teacher's, averaged over samples;
+    with `classes` (a boolean mask over the columns), both distributions are over those classes only
+    (the other logits are set to the dtype's minimum, so they get probability 0 and no gradient)."""
+    if classes is not None:
+        lowest = torch.finfo(student.dtype).min
+        student, teacher = student.masked_fill(~classes, lowest), teacher.masked_fill(~classes, lowest)
     target = F.softmax(teacher / temperature, dim=1)
     return -(target * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
 
@@ -64,7 +71,9 @@ class LwF(Strategy):
     """Learning without Forgetting: the old model's softened outputs on new data as extra targets."""
 
     Params = LwFParams
-    kept = ("teacher", "old_task_classes")
+    kept = ("teacher", "old_task_classes", "finished_tasks")
+    stackable = True
+    member_state = ("teacher", "old_task_classes")
 
     def setup(self) -> None:
         self.teacher = frozen_copy(self.model)  # replaced by a copy of the model after each experience
@@ -72,31 +81,34 @@ class LwF(Strategy):
         # settings distil one distribution over all old classes)
         self.old_task_classes = torch.zeros(self.stream.n_tasks, self.stream.n_classes, dtype=torch.bool,
                                             device=self.device)
+        self.finished_tasks: list[int] = []  # task ids whose experiences have ended, in order
 
     def distilled_outputs(self) -> list[tuple[int, torch.Tensor]]:
-        """(head, classes) pairs whose teacher outputs are distilled."""
+        """(head, class mask) pairs whose teacher outputs are distilled."""
         old = self.old_task_classes
         if self.stream.setting == "task-il":
             multi = self.context.model.multi_head
-            return [(k if multi else 0, old[k]) for k in range(len(old)) if old[k].any()]
-        return [(0, old.any(0))] if old.any() else []
+            return [(k if multi else 0, old[k]) for k in self.finished_tasks]
+        return [(0, old.any(0))] if self.finished_tasks else []
 
-    def loss(self, batch: Batch) -> StepOutput:
-        heads = self.model(batch.x, all_heads=True)  # (N, heads, classes): one pass for CE and distillation
-        logits = heads[torch.arange(len(batch.y), device=self.device), batch.t] if heads.shape[1] > 1 \
-            else heads[:, 0]
-        loss = F.cross_entropy(self.mask_to_task(logits, batch.t), batch.y)
+    def objective(self, inputs: dict[str, torch.Tensor]) -> StepOutput:
+        x, y, t = inputs["x"], inputs["y"], inputs["t"]
+        heads = self.model(x, all_heads=True)  # (N, heads, classes): one pass for CE and distillation
+        logits = heads[torch.arange(len(y), device=self.device), t] if heads.shape[1] > 1 else heads[:, 0]
+        loss = cross_entropy(self.mask_to_task(logits, t), y)
         outputs = self.distilled_outputs()
         if not outputs:
             return StepOutput(loss, logits=logits)
         with torch.no_grad():
-            old_heads = self.teacher(batch.x, all_heads=True)
-        kd = sum(distillation(heads[:, h][:, c], old_heads[:, h][:, c], self.params.temperature) for h, c in outputs)
+            old_heads = self.teacher(x, all_heads=True)
+        kd = sum(distillation(heads[:, h], old_heads[:, h], self.params.temperature, c) for h, c in outputs)
         return StepOutput(loss + self.params.alpha * kd, logits=logits, terms={"distillation": kd})
 
     def end_experience(self, exp: Experience) -> None:
         self.teacher.load_state_dict(self.model.state_dict())
         self.old_task_classes[exp.task_id, exp.classes] = True
+        if exp.task_id not in self.finished_tasks:
+            self.finished_tasks.append(exp.task_id)
 
 
 # ---------------------------------------------------------------- iCaRL
@@ -198,6 +210,7 @@ class DER(Strategy):
 
     Params = DERParams
     kept = ("buffer",)
+    stackable = True
 
     @classmethod
     def stored_samples(cls, params: DERParams, stream: StreamInfo) -> int:
@@ -206,20 +219,26 @@ class DER(Strategy):
     def setup(self) -> None:
         self.buffer = Buffer(self.params.buffer_size, Reservoir(), self.device, self.generator)
 
-    def replay_terms(self) -> dict[str, torch.Tensor]:
-        memory = self.buffer.sample(self.params.replay_batch_size)
-        logits = self.model(self.prepare(memory["x"]), memory["t"])
-        return {"logit_mse": F.mse_loss(logits, memory["logits"])}
+    def draw(self, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = super().draw(batch)
+        if len(self.buffer) > 0:
+            memory = self.buffer.sample(self.params.replay_batch_size)
+            inputs.update(m1_x=self.prepare(memory["x"]), m1_t=memory["t"], m1_logits=memory["logits"])
+        return inputs
+
+    def replay_terms(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.model(inputs["m1_x"], inputs["m1_t"])
+        return {"logit_mse": F.mse_loss(logits, inputs["m1_logits"])}
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.params.alpha * terms["logit_mse"]
 
-    def loss(self, batch: Batch) -> StepOutput:
-        logits = self.model(batch.x, batch.t)  # unmasked: the buffer stores these
-        loss = F.cross_entropy(self.mask_to_task(logits, batch.t), batch.y)
-        if len(self.buffer) == 0:
+    def objective(self, inputs: dict[str, torch.Tensor]) -> StepOutput:
+        logits = self.model(inputs["x"], inputs["t"])  # unmasked: the buffer stores these
+        loss = cross_entropy(self.mask_to_task(logits, inputs["t"]), inputs["y"])
+        if "m1_x" not in inputs:  # the buffer is still empty
             return StepOutput(loss, logits=logits)
-        terms = self.replay_terms()
+        terms = self.replay_terms(inputs)
         return StepOutput(loss + self.weighted(terms), logits=logits, terms=terms)
 
     def after_step(self, batch: Batch, out: StepOutput) -> None:
@@ -238,10 +257,16 @@ class DERPP(DER):
 
     Params = DERPPParams
 
-    def replay_terms(self) -> dict[str, torch.Tensor]:
-        terms = super().replay_terms()
-        memory = self.buffer.sample(self.params.replay_batch_size)
-        terms["replay_ce"] = F.cross_entropy(self.forward(self.prepare(memory["x"]), memory["t"]), memory["y"])
+    def draw(self, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = super().draw(batch)
+        if "m1_x" in inputs:
+            memory = self.buffer.sample(self.params.replay_batch_size)
+            inputs.update(m2_x=self.prepare(memory["x"]), m2_y=memory["y"], m2_t=memory["t"])
+        return inputs
+
+    def replay_terms(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = super().replay_terms(inputs)
+        terms["replay_ce"] = cross_entropy(self.forward(inputs["m2_x"], inputs["m2_t"]), inputs["m2_y"])
         return terms
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from cl.buffers import Buffer, RingPerTask
 from cl.data import Experience, StreamInfo
 from cl.gradients import batch_statistics_only, flat_grad, grouped_gradients, set_flat_grad
+from cl.losses import cross_entropy
 from cl.params import param
 from cl.projection import agem_project, gem_project, quadprog_available
 from cl.registry import register_strategy
@@ -125,7 +126,7 @@ class GEM(EpisodicMemory):
         """One gradient row per earlier task, from one vectorised forward and backward over all memories."""
         def task_loss(params: dict[str, torch.Tensor], x, y, t, w) -> torch.Tensor:
             logits = self.mask_to_task(functional_call(self.model, params, (x, t)), t)
-            return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+            return (cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
 
         params = {name: p.detach() for name, p in self.constrained.items()}
         with batch_statistics_only(self.model):
@@ -160,6 +161,7 @@ class AGEM(EpisodicMemory):
     """A-GEM: the gradient projected when it conflicts with the average gradient of a memory sample."""
 
     Params = AGEMParams
+    stackable = True
 
     def begin_experience(self, exp: Experience) -> None:
         super().begin_experience(exp)
@@ -173,7 +175,7 @@ class AGEM(EpisodicMemory):
         memory = self.memory.get(slots[pick])
         logits = self.forward(self.prepare(memory["x"]), memory["t"])
         params = list(self.constrained.values())
-        return flat_grad(params, torch.autograd.grad(F.cross_entropy(logits, memory["y"]), params, allow_unused=True))
+        return flat_grad(params, torch.autograd.grad(cross_entropy(logits, memory["y"]), params, allow_unused=True))
 
     def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
         if self._past_slots is None:

@@ -22,8 +22,10 @@ from torch.func import functional_call
 
 from cl.data import Experience
 from cl.gradients import grouped_gradients
+from cl.losses import cross_entropy
 from cl.params import param
 from cl.registry import register_strategy
+from cl.training import requires_grad
 from cl.strategy import Batch, StepOutput, Strategy
 
 Tensors = dict[str, torch.Tensor]
@@ -41,17 +43,20 @@ class AnchoredStrategy(Strategy):
     sum weight (theta - anchor)^2 in the loss.
     """
 
+    stackable = True
+    member_state = ("weight", "anchor")
+
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: p for name, p in self.model.named_parameters() if requires_grad(p)}
 
     def setup(self) -> None:
         self.anchor = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         self.weight = {name: torch.zeros_like(p) for name, p in self.model.named_parameters()}
         self.anchored = False  # no pull before the first experience has ended
 
-    def loss(self, batch: Batch) -> StepOutput:
-        logits = self.forward(batch.x, batch.t)
-        loss = F.cross_entropy(logits, batch.y)
+    def objective(self, inputs: Tensors) -> StepOutput:
+        logits = self.forward(inputs["x"], inputs["t"])
+        loss = cross_entropy(logits, inputs["y"])
         if not self.anchored:
             return StepOutput(loss, logits=logits)
         penalty = quadratic_penalty(self.trained_parameters(), self.weight, self.anchor)
@@ -99,7 +104,7 @@ class EWC(AnchoredStrategy):
 
         def log_likelihood(params: Tensors, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             logits = self.mask_to_task(functional_call(self.model, params, (x, t)), t)
-            return -F.cross_entropy(logits, y)
+            return -cross_entropy(logits, y)
 
         total = {name: torch.zeros_like(p) for name, p in params.items()}
         with self.evaluation():

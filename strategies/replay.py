@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from cl.buffers import Buffer, ClassBalanced, Reservoir
 from cl.data import Experience, StreamInfo
+from cl.losses import cross_entropy
 from cl.params import param
 from cl.registry import register_strategy
 from cl.strategy import Batch, StepOutput, Strategy
@@ -39,6 +40,7 @@ class ExperienceReplay(Strategy):
 
     Params = ERParams
     kept = ("buffer",)
+    stackable = True
 
     @classmethod
     def stored_samples(cls, params: ERParams, stream: StreamInfo) -> int:
@@ -48,15 +50,21 @@ class ExperienceReplay(Strategy):
         policy = Reservoir() if self.params.buffer == "reservoir" else ClassBalanced()
         self.buffer = Buffer(self.params.buffer_size, policy, self.device, self.generator)
 
-    def loss(self, batch: Batch) -> StepOutput:
-        x, y, t = batch.x, batch.y, batch.t
-        index = None
+    def draw(self, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = super().draw(batch)
         if len(self.buffer) > 0:
             memory = self.buffer.sample(self.params.replay_batch_size)
-            x, y, t = torch.cat([x, self.prepare(memory["x"])]), torch.cat([y, memory["y"]]), torch.cat([t, memory["t"]])
-            index = memory.index
+            inputs.update(memory_x=self.prepare(memory["x"]), memory_y=memory["y"], memory_t=memory["t"])
+        return inputs
+
+    def objective(self, inputs: dict[str, torch.Tensor]) -> StepOutput:
+        x, y, t = inputs["x"], inputs["y"], inputs["t"]
+        n = len(y)
+        if "memory_x" in inputs:
+            x = torch.cat([x, inputs["memory_x"]])
+            y, t = torch.cat([y, inputs["memory_y"]]), torch.cat([t, inputs["memory_t"]])
         logits = self.forward(x, t)
-        return StepOutput(F.cross_entropy(logits, y), logits=logits[: len(batch.y)], index=index)
+        return StepOutput(cross_entropy(logits, y), logits=logits[:n])
 
     def after_step(self, batch: Batch, out: StepOutput) -> None:
         if self.buffer.policy.online:

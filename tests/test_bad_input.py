@@ -3,7 +3,7 @@
 Hypothesis mutates the tiny digits experiment (any key of any table set to a number, a huge or
 negative integer, nan, inf, a string, a list, a table, or deleted) and draws command lines from
 the real subcommands and options. Whatever it draws, `cl` must either accept the input and reach
-training (`run_one`, replaced here by a sentinel so that nothing trains) or print exactly one line
+training (`run_one` and `run_stacked`, replaced here by a sentinel so that nothing trains) or print exactly one line
 on stderr and exit with code 2: never a traceback, never another exit code.
 """
 from __future__ import annotations
@@ -64,6 +64,7 @@ def check_cl(argv: list[str], experiment_text: str) -> None:
     that it reached training or ended in one line with exit 2."""
     with in_fresh_folder() as folder, pytest.MonkeyPatch.context() as patch:
         patch.setattr(cl.runner, "run_one", _no_training)
+        patch.setattr(cl.runner, "run_stacked", _no_training)
         (folder / "exp.toml").write_text(experiment_text, errors="surrogatepass")
         assert_one_line_or_accepted(*outcome(argv))
 

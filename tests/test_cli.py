@@ -448,10 +448,10 @@ def test_the_runs_after_a_failure_still_run(run_tiny, tiny_raw, nan_strategy, st
     assert result.rc == 1
     assert result.err.startswith("cl: 2 of 8 runs did not complete")
     assert [(r["strategy"], r["seed"], r["status"]) for r in stored()] == [
-        ("naive", 0, "completed"), ("er", 0, "completed"), ("nan_loss", 0, "diverged"), ("joint", 0, "completed"),
-        ("naive", 1, "completed"), ("er", 1, "completed"), ("nan_loss", 1, "diverged"), ("joint", 1, "completed")]
+        ("naive", 0, "completed"), ("naive", 1, "completed"), ("er", 0, "completed"), ("er", 1, "completed"),
+        ("nan_loss", 0, "diverged"), ("nan_loss", 1, "diverged"), ("joint", 0, "completed"), ("joint", 1, "completed")]
     announced = [line.split()[2] for line in result.out.splitlines() if line.startswith("run ")]
-    assert announced == ["naive", "er", "nan_loss", "joint"] * 2
+    assert announced == ["naive", "naive", "er", "er", "nan_loss", "nan_loss", "joint", "joint"]
     assert "nan_loss" not in result.out.split("strategy")[-1]  # not in the comparison table
 
 

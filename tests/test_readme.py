@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl.registry import STRATEGIES
-from cl.runner import build_scenario, load_datasets, run_one
+from cl.runner import build_scenario, load_datasets, run_one, run_stacked
 from tests.helpers import digits_experiment
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -52,3 +52,14 @@ def test_second_example_stores_logits_and_forgets_less_than_fine_tuning(readme_s
     # 200 stored digits: 64 float32 pixels, label, task id and 10 float32 logits each
     assert der.budgets.memory_bytes == 200 * (64 * 4 + 8 + 8 + 10 * 4)
     assert der.logs["logit_distance"][0] > 0 and len(der.logs["logit_distance"]) == 5
+
+
+def test_second_example_trains_stacked_as_it_trains_alone(readme_strategies):
+    cfg = digits_experiment([{"name": "logit_replay", "buffer_size": 100}], n_experiences=3, seeds=[0, 1])
+    datasets = load_datasets(cfg.datasets)
+    scenarios = [build_scenario(cfg, datasets, seed) for seed in (0, 1)]
+    stacked = run_stacked(cfg, cfg.strategies[0], scenarios, [0, 1], torch.device("cpu"), progress=False)
+    for seed, record in zip((0, 1), stacked):
+        alone = run_one(cfg, cfg.strategies[0], scenarios[seed], seed, torch.device("cpu"), progress=False)
+        assert record.budgets.stacked_runs == 2 and record.seed == seed
+        assert abs(record.metrics.acc - alone.metrics.acc) <= 0.01

@@ -1,0 +1,299 @@
+"""Stacked runs: several runs of one strategy trained as one model.
+
+A benchmark is many runs of small models (seeds x strategies x hyperparameters)
+trained with small batches, so each step is a few dozen tiny operations and
+the time goes into launching them. Runs of one strategy that share every shape
+(the same model, parameters and experience sizes; different seeds) can train
+together: their parameters are stacked along a leading dimension and the
+step's forward and backward run once for all of them under `torch.func.vmap`.
+
+What stays per run (a "member"): its `Strategy` object with its own scenario,
+data order, initialisation, generator, buffers, logs, compute count and
+evaluator. Each step of the group:
+
+    for each member:  batch <- its next batch;  inputs <- member.draw(batch)      (own random stream)
+    losses <- vmap(objective)(stacked parameters, stacked member_state, stacked inputs)
+    sum(losses).backward()                       (each member's gradient lands in its slice)
+    for each member:  member.adjust_gradients    (its .grad are views of its slice; GEM-style hooks)
+    clip each member's gradient norm; one optimizer step on the stacked parameters
+    for each member:  member.after_step          (buffer updates, SI's path integral)
+
+Each member's model parameters are views of its slice of the stack, so the
+optimizer's in-place update is what the member sees when it is evaluated,
+checkpointed or reads its own weights in a hook. SGD and Adam act elementwise,
+so one optimizer over the stack is the members' optimizers side by side; its
+state is handed back to the members after every experience (checkpoints and
+optimizer_policy = "keep" use the members' own optimizers). The results are
+the runs trained one by one, up to floating-point reassociation.
+
+Two-dimensional weights are stacked in the transposed layout, (runs, in, out)
+in memory: the batched matrix product then produces their gradient in the
+parameter's own layout and autograd does not copy it (that copy was half of a
+stacked step's time on these CPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.func import vmap
+from torch.nn.utils.stateless import _reparametrize_module
+
+from cl.data import Experience
+from cl.strategy import Batch, StepOutput, Strategy
+from cl.training import make_optimizer
+
+
+def stacking_problem(strategy: type[Strategy]) -> str | None:
+    """Why runs of this strategy class cannot be stacked (None when they can)."""
+    if not strategy.stackable:
+        return "it does not declare stackable = True"
+    for hook in ("loss", "train_experience", "trainable_modules", "train_step"):
+        if getattr(strategy, hook) is not getattr(Strategy, hook):
+            return f"it overrides {hook}()"
+    return None
+
+
+def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The members' tensors along a new leading dimension; 2-D ones stored transposed (module doc)."""
+    if tensors[0].dim() == 2:
+        return torch.stack([t.detach().t() for t in tensors]).transpose(1, 2)
+    return torch.stack([t.detach() for t in tensors])
+
+
+def _stack_value(values: list[Any]) -> Any:
+    """Member state (a tensor, or a dict / list / tuple of tensors) stacked leaf by leaf."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(values)
+    if isinstance(first, dict):
+        return {k: _stack_value([v[k] for v in values]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack_value(list(parts)) for parts in zip(*values))
+    raise TypeError(f"member_state holds a {type(first).__name__}; it may hold modules, tensors, or dicts, "
+                    f"lists and tuples of tensors")
+
+
+class StackedRuns:
+    """Trains one experience of several member strategies (same class, parameters and shapes) at once."""
+
+    def __init__(self, members: list[Strategy]):
+        if len(members) < 2:
+            raise ValueError("stacking needs at least two runs")
+        problem = stacking_problem(type(members[0]))
+        if problem is not None:
+            raise ValueError(f"{type(members[0]).__name__} cannot run stacked: {problem}")
+        self.members = members
+        self.template = members[0]  # its objective runs under vmap with every member's tensors bound
+        self.training = self.template.training
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ----- one experience ------------------------------------------------------------------
+    def fit(self, experiences: list[Experience], progress: Any = None) -> None:
+        """What `Strategy.fit` does, for every member on its own experience (same length for all)."""
+        lengths = {len(e) for e in experiences}
+        if len(lengths) != 1:
+            raise ValueError(f"stacked runs need experiences of one length, got {sorted(lengths)}")
+        for member, exp in zip(self.members, experiences):
+            member.begin_fit(exp)
+        self._stack()
+        try:
+            for _ in range(self.training.epochs):
+                streams = [member.batches(exp) for member, exp in zip(self.members, experiences)]
+                for batches in zip(*streams):
+                    self.train_step(list(batches))
+                    if progress is not None:
+                        progress.update(1)
+        finally:
+            self._hand_back_optimizer()
+        for member, exp in zip(self.members, experiences):
+            member.end_fit(exp)
+
+    def _stack(self) -> None:
+        """Stack the members' parameters and buffers (members' tensors become views of the stack), the
+        objective's member state, and an optimizer over the stack with the members' state."""
+        models = [m.model for m in self.members]
+        for model in models[1:]:
+            if [n for n, _ in model.named_parameters()] != [n for n, _ in models[0].named_parameters()]:
+                raise ValueError("stacked runs need models with the same parameters")
+        self.parameters: dict[str, torch.Tensor] = {}
+        for name, p0 in models[0].named_parameters():
+            member_tensors = [dict(m.named_parameters())[name] for m in models]
+            stacked = stack_tensors(member_tensors).requires_grad_(p0.requires_grad)
+            for k, p in enumerate(member_tensors):
+                p.data = stacked.data[k]
+            self.parameters[name] = stacked
+        self.buffers: dict[str, torch.Tensor] = {}
+        for name, b0 in models[0].named_buffers():
+            member_tensors = [dict(m.named_buffers())[name] for m in models]
+            stacked = torch.stack(member_tensors)
+            for k, b in enumerate(member_tensors):
+                b.data = stacked[k]
+            self.buffers[name] = stacked
+        self.state: dict[str, Any] = {}
+        names = list(self.template.member_state)
+        if self.template._task_classes is not None:
+            names.append("_task_classes")
+        for name in names:
+            values = [getattr(m, name) for m in self.members]
+            if isinstance(values[0], nn.Module):
+                tensors = [dict([*v.named_parameters(), *v.named_buffers()]) for v in values]
+                self.state[name] = {key: torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]}
+            else:
+                self.state[name] = _stack_value(values)
+        self._build_optimizer()
+        self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
+        self._objective = vmap(self._member_objective, randomness="error")
+
+    def _build_optimizer(self) -> None:
+        """One optimizer over the stack: the template's parameter groups, each member parameter replaced
+        by its stack; with optimizer_policy = "keep", the members' optimizer state stacked into it."""
+        template = self.template
+        by_id = {id(p): name for name, p in template.model.named_parameters()}
+        groups = template._parameter_groups()
+        stacked_groups = [{**g, "params": [self.parameters[by_id[id(p)]] for p in g["params"]]} for g in groups]
+        self.optimizer = make_optimizer(stacked_groups, self.training)
+        if self.training.optimizer_policy != "keep" or template.optimizer is None:
+            return
+        member_params = zip(*[_optimized(m.optimizer) for m in self.members])
+        for stacked, params in zip(_optimized(self.optimizer), member_params):
+            states = [m.optimizer.state.get(p) for m, p in zip(self.members, params)]
+            if not all(states):
+                continue
+            self.optimizer.state[stacked] = {
+                key: torch.stack([s[key] for s in states]) if _per_parameter(value, params[0]) else _copy(value)
+                for key, value in states[0].items()}
+
+    def _hand_back_optimizer(self) -> None:
+        """Give each member an optimizer over its own parameters holding its slice of the stack's state."""
+        stacked_params = _optimized(self.optimizer)
+        for k, member in enumerate(self.members):
+            member._use_optimizer(make_optimizer(member._parameter_groups(), self.training))
+            for stacked, p in zip(stacked_params, _optimized(member.optimizer)):
+                state = self.optimizer.state.get(stacked)
+                if state:
+                    member.optimizer.state[p] = {
+                        key: value[k].clone() if _per_parameter(value, stacked[0]) else _copy(value)
+                        for key, value in state.items()}
+
+    # ----- one step ------------------------------------------------------------------------
+    def train_step(self, batches: list[Batch]) -> list[StepOutput]:
+        members = self.members
+        self.optimizer.zero_grad(set_to_none=True)
+        drawn = []
+        for member, batch in zip(members, batches):
+            member.step += 1
+            drawn.append(member.draw(batch))
+        keys = list(drawn[0])
+        if any(list(d) != keys for d in drawn[1:]):
+            raise ValueError(f"{type(self.template).__name__}.draw() returned different keys for stacked runs; "
+                             f"its branches must depend only on what all runs share (e.g. buffer fill)")
+        inputs = {key: torch.stack([d[key] for d in drawn]) for key in keys}
+        count = self.template.compute
+        before = count.state_dict()
+        count.count_vmapped = True
+        try:
+            result = self._objective(self.parameters, self.buffers, self.state, inputs)
+        finally:
+            count.count_vmapped = False
+        forward = count.forward_samples - before["forward_samples"]
+        backward = count.backward_samples - before["backward_samples"]
+        for member in members[1:]:  # every member made the same passes as the template
+            member.compute.forward_samples += forward
+            member.compute.backward_samples += backward
+        losses = result.pop("loss")
+        logits = result.pop("logits", None)
+        outs = [StepOutput(losses[k], logits=None if logits is None else logits[k],
+                           terms={name: value[k] for name, value in result.items()}) for k in range(len(members))]
+        for member, out in zip(members, outs):
+            if member.loss_monitor is not None:
+                member.loss_monitor.add(out.loss.detach())
+        losses.sum().backward()
+        if self._adjusts:
+            self._adjust_gradients(batches, outs)
+        if self.training.grad_clip_norm > 0:
+            self._clip_gradients()
+        self.optimizer.step()
+        for member, batch, out in zip(members, batches, outs):
+            member.after_step(batch, out)
+            for name, value in out.terms.items():
+                member.log(name, value)
+        return outs
+
+    def _member_objective(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                          state: dict[str, Any], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The template's objective with one member's slices bound (runs under vmap)."""
+        with self._bound(parameters, buffers, state):
+            out = self.template.objective(inputs)
+        if isinstance(out, torch.Tensor):
+            out = StepOutput(out)
+        result = {"loss": out.loss, **out.terms}
+        if out.logits is not None:
+            result["logits"] = out.logits
+        return result
+
+    @contextlib.contextmanager
+    def _bound(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+               state: dict[str, Any]) -> Iterator[None]:
+        template = self.template
+        saved = {}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_reparametrize_module(template.model, {**parameters, **buffers}))
+            for name, value in state.items():
+                current = getattr(template, name)
+                if isinstance(current, nn.Module):
+                    stack.enter_context(_reparametrize_module(current, value))
+                else:
+                    saved[name] = current
+                    setattr(template, name, value)
+            try:
+                yield
+            finally:
+                for name, value in saved.items():
+                    setattr(template, name, value)
+
+    def _adjust_gradients(self, batches: list[Batch], outs: list[StepOutput]) -> None:
+        """Each member's adjust_gradients, its parameters' .grad being views of its slice of the stack's."""
+        models = [m.model for m in self.members]
+        for name, stacked in self.parameters.items():
+            if stacked.grad is None:
+                continue
+            for k, model in enumerate(models):
+                model.get_parameter(name).grad = stacked.grad[k]
+        for member, batch, out in zip(self.members, batches, outs):
+            member.adjust_gradients(batch, out)
+        for name, stacked in self.parameters.items():  # a hook may have replaced a .grad: copy it back
+            if stacked.grad is None:
+                continue
+            for k, model in enumerate(models):
+                p = model.get_parameter(name)
+                if p.grad is not None and p.grad.data_ptr() != stacked.grad[k].data_ptr():
+                    stacked.grad[k].copy_(p.grad)
+                p.grad = None
+
+    def _clip_gradients(self) -> None:
+        """clip_grad_norm_ for each member: its global gradient norm over its own slices."""
+        grads = [p.grad for p in self._clipped if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        scale = (self.training.grad_clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
+def _optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _per_parameter(value: Any, parameter: torch.Tensor) -> bool:
+    """An optimizer state entry shaped like its parameter (momentum, Adam's moments), not a step count."""
+    return isinstance(value, torch.Tensor) and value.shape[-parameter.dim():] == parameter.shape \
+        and value.dim() >= parameter.dim() and value.dim() > 0

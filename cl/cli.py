@@ -284,7 +284,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         for name, values in run.logs.items():
             print(f"  {name:<12} " + " ".join(f"{_number(v):>9}" for v in values))
     b = run.budgets
-    print(f"\nbudgets: wall {b.wall_seconds:.1f}s (eval {b.eval_seconds:.1f}s), "
+    stacked = f", trained stacked with {b.stacked_runs - 1} other runs" if b.stacked_runs > 1 else ""
+    print(f"\nbudgets: wall {b.wall_seconds:.1f}s (eval {b.eval_seconds:.1f}s{stacked}), "
           f"memory {b.memory_bytes} B, model {b.model_bytes} B, scenario data {b.scenario_bytes} B, "
           f"forward {b.forward_samples} / backward {b.backward_samples} / eval {b.eval_forward_samples} samples")
     if run.model_stats:

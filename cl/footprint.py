@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cl.data import StreamInfo
 from cl.strategy import ModelSpec
@@ -22,13 +23,18 @@ MODEL_COPIES = 4  # weights, gradients, two optimizer moments (Adam; SGD with mo
 BYTES = 4  # float32
 
 
+def meta_model(model: ModelSpec) -> nn.Module:
+    """The configured backbone built on the meta device: its structure, with nothing allocated."""
+    with torch.device("meta"), warnings.catch_warnings():
+        # a backbone loading a checkpoint copies it into meta parameters: a no-op PyTorch warns about
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")
+        return model.build()
+
+
 def parameter_count(model: ModelSpec) -> int:
     """Parameters of the configured backbone, counted without allocating them."""
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            # a backbone loading a checkpoint copies it into meta parameters: a no-op PyTorch warns about
-            warnings.filterwarnings("ignore", message=".*meta parameter.*")
-            return sum(p.numel() for p in model.build().parameters())
+        return sum(p.numel() for p in meta_model(model).parameters())
     except RuntimeError as exc:  # sizes whose product overflows: certainly too large
         if "overflow" in str(exc):
             return 2**63 - 1

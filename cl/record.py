@@ -103,7 +103,8 @@ class RunRecord:
                 "code_version": self.provenance.get("code_version"), "created_at": self.created_at,
                 "acc": self.metrics.acc, "task_il_acc": self.task_il_acc, "bwt": self.metrics.bwt,
                 "fwt": self.headline_fwt, "forgetting": self.metrics.forgetting,
-                "avg_inc_acc": self.metrics.avg_inc_acc, "wall_seconds": b.wall_seconds,
+                "avg_inc_acc": self.metrics.avg_inc_acc,
+                "wall_seconds": b.wall_seconds / b.stacked_runs,  # the run's share of a stacked group's time
                 "memory_bytes": b.memory_bytes, "model_bytes": b.model_bytes,
                 "forward_samples": b.forward_samples, "backward_samples": b.backward_samples,
                 "compression_ratio": self.model_stats.get("compression_ratio")}

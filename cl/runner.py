@@ -23,7 +23,7 @@ from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
 from cl.errors import RunError, UserError
 from cl.evaluation import Evaluator
-from cl.footprint import available_bytes, gib, lower_bound, parameter_count
+from cl.footprint import available_bytes, gib, lower_bound, meta_model, parameter_count
 from cl.metrics import compute_metrics
 from cl.params import params_to_dict
 from cl.provenance import code_version, package_of, provenance
@@ -350,6 +350,8 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
         if i == 0:
             check_compatibility(config, scenarios[seed], pipelines[seed])  # every strategy, before any trains
     records = []
+    first = scenarios[config.seeds[0]]
+    backbone = meta_model(model_spec(config, first.stream_info(pipelines[config.seeds[0]].output_shape)))
     for component in config.strategies:
         pending = []
         for seed in config.seeds:
@@ -361,7 +363,7 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
                 pending.append(seed)
         folders = {seed: run_folder(store.checkpoint_root, config.name, component.label, seed) for seed in pending}
         for group in stack_groups(component, pending, scenarios, stack,
-                                  {seed for seed in pending if resume and folders[seed].exists()}):
+                                  {seed for seed in pending if resume and folders[seed].exists()}, backbone):
             if len(group) == 1:
                 seed = group[0]
                 finished = [run_one(config, component, scenarios[seed], seed, device, progress, pipelines[seed],
@@ -380,10 +382,11 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
 
 
 def stack_groups(component: Component, seeds: list[int], scenarios: dict[int, Scenario], stack: bool,
-                 resumed: set[int]) -> list[list[int]]:
-    """The seeds to train together: one group per stack signature when the strategy is stackable and
-    `stack` is on; a seed alone when it resumes from a checkpoint or shares its shapes with no other."""
-    if not stack or stacking_problem(STRATEGIES.get(component.name).obj) is not None:
+                 resumed: set[int], backbone: torch.nn.Module | None = None) -> list[list[int]]:
+    """The seeds to train together: one group per stack signature when the strategy (on `backbone`) is
+    stackable and `stack` is on; a seed alone when it resumes from a checkpoint or shares its shapes
+    with no other."""
+    if not stack or stacking_problem(STRATEGIES.get(component.name).obj, backbone) is not None:
         return [[seed] for seed in seeds]
     groups: dict[tuple, list[int]] = {}
     alone = []
@@ -401,7 +404,9 @@ def describe_run(record: RunRecord) -> str:
     if record.failure is not None:
         return f"{head}  {record.stopped()}"
     m = record.metrics
-    return f"{head}  ACC {_fmt(m.acc)}  BWT {_fmt(m.bwt)}  {record.budgets.wall_seconds:.1f}s"
+    b = record.budgets
+    time = f"{b.wall_seconds:.1f}s" if b.stacked_runs == 1 else f"{b.wall_seconds:.1f}s for {b.stacked_runs} stacked"
+    return f"{head}  ACC {_fmt(m.acc)}  BWT {_fmt(m.bwt)}  {time}"
 
 
 def _fmt(v: float | None) -> str:

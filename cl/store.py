@@ -70,7 +70,9 @@ class ResultStore:
                 if parsed.get_backend_name() == "sqlite" else sa.create_engine(parsed)
             home = Path(parsed.database).parent if on_disk else Path("results")
             self.spill_dir = home / "unsaved"  # runs the store refused (cl import)
-            self.checkpoint_root = home / "checkpoints"  # unfinished runs (cl run --resume)
+            # Unfinished runs (cl run --resume), one folder per store: two stores side by side (two
+            # processes running one experiment into each) must not share checkpoint files.
+            self.checkpoint_root = home / "checkpoints" / (Path(parsed.database).stem if on_disk else "default")
             metadata.create_all(self.engine)
             existing = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
         except ImportError as exc:  # the URL's database driver is not installed

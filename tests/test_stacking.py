@@ -69,7 +69,7 @@ def test_stacked_parameters_match_separate_runs_after_50_steps(name, setting):
         assert a.logs.means.keys() == b.logs.means.keys()
         for key, by_exp in a.logs.means.items():
             assert by_exp == pytest.approx(b.logs.means[key], rel=1e-4, abs=1e-5)
-    assert len({round(float(next(s.model.parameters()).sum()), 4) for s in stacked}) == 3  # members differ
+    assert len({round(float(next(s.model.parameters()).detach().sum()), 4) for s in stacked}) == 3  # members differ
 
 
 def test_gradient_clipping_and_adam_state_carry_over_per_member():
@@ -109,6 +109,7 @@ def test_run_experiment_stacks_seeds_and_stores_each_run(tmp_path):
     for s, a in zip(stacked, alone):
         assert s.status == a.status == "completed"
         assert s.budgets.stacked_runs == (3 if s.strategy == "er" else 1)
+        assert s.headline()["wall_seconds"] == pytest.approx(s.budgets.wall_seconds / s.budgets.stacked_runs)
         assert a.budgets.stacked_runs == 1
         assert np.nanmax(np.abs(np.array(s.matrix, dtype=float) - np.array(a.matrix, dtype=float))) <= 0.01
         assert (s.budgets.forward_samples, s.budgets.backward_samples, s.budgets.memory_bytes) == \
@@ -135,6 +136,11 @@ def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():
     assert stacking_problem(gem) == "it does not declare stackable = True"
     for name in ("icarl", "hnet", "joint", "cumulative", "l2p", "dualprompt"):
         assert stacking_problem(STRATEGIES.get(name).obj) is not None, name
+
+    resnet = digits_experiment([{"name": "er"}], seeds=SEEDS, model="resnet18_reduced")
+    backbone = build_strategy(resnet.strategies[0], resnet, scenarios[0], CPU, 0).model
+    assert "batch-norm" in stacking_problem(er, backbone)
+    assert stack_groups(component, SEEDS, scenarios, True, set(), backbone) == [[0], [1], [2]]
 
     class Overriding(er):
         def loss(self, batch):

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-stack", action="store_true",
                      help="train every run on its own (default: the seeds of a stackable strategy that share "
                           "every shape train as one stacked model; the results are the same)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="CUDA: record each experience's train steps as CUDA graphs and replay them (strategies "
+                          "whose step is draw + objective without adjust_gradients; experimental: see README)")
     run.add_argument("--threads", type=positive_int, metavar="N",
                      help="compute threads for this process (default: the cores shared among the cl processes "
                           "running on this machine, re-checked at every experience)")
@@ -165,6 +168,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if repeated:
         raise UserError(f"experiment name {repeated[0]!r} appears in two of the files; give each file its own name")
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device, but the runs would go to {device.type}; "
+                        f"add --device cuda or leave --cuda-graphs out")
     store = ResultStore(args.store, busy_timeout=args.busy_timeout)
     store.check_writable()  # before anything trains
     threads.claim(args.threads)
@@ -173,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
               f"on {device}, results -> {args.store}", flush=True)
         records += run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume,
-                                  stack=not args.no_stack)
+                                  stack=not args.no_stack, graphs=args.cuda_graphs)
     for config in configs:
         completed = [r for r in records if r.status == "completed" and r.experiment == config.name]
         if completed:

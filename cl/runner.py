@@ -30,7 +30,7 @@ from cl.provenance import code_version, package_of, provenance
 from cl.record import Budgets, Metrics, RunRecord
 from cl.resume import RunCheckpoint, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
-from cl.stacking import StackedRuns, stacking_problem
+from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
 from cl.transforms import InputPipeline, channel_statistics
@@ -288,10 +288,13 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
 
 def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[Scenario], seeds: list[int],
                 device: torch.device, progress: bool = True, pipelines: list[InputPipeline] | None = None,
-                checkpoints: list[Path] | None = None) -> list[RunRecord]:
+                checkpoints: list[Path] | None = None, graphs: bool = False,
+                log: Callable[[str], None] = print) -> list[RunRecord]:
     """Train the runs of one strategy for several seeds as one stacked model (cl/stacking.py) and return
     their records, one per seed, as `run_one` would. A run that stops (diverged, failed) leaves the
-    stack; the others go on. The scenarios' experiences must have the same lengths (`stack_signature`)."""
+    stack; the others go on. The scenarios' experiences must have the same lengths (`stack_signature`).
+    With `graphs` (CUDA), each experience's device steps are recorded and replayed as CUDA graphs
+    (cl/graphs.py), also for a single run; one line per experience says what was replayed."""
     runs = [Run(config, component, scenario, seed, device, pipeline, folder, False)
             for scenario, seed, pipeline, folder in zip(scenarios, seeds, pipelines or [None] * len(seeds),
                                                         checkpoints or [None] * len(seeds))]
@@ -309,10 +312,13 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
         who = f"seeds {','.join(str(run.seed) for run in live)}"
         try:
             with live[0].progress_bar(i, live[0].strategy.steps_per_experience(experiences[0]), progress, who) as bar:
-                if len(live) == 1:
+                if len(live) == 1 and not graphs:
                     live[0].strategy.fit(experiences[0])
                 else:
-                    StackedRuns([run.strategy for run in live]).fit(experiences, bar)
+                    engine = StackedRuns([run.strategy for run in live], graphs)
+                    engine.fit(experiences, bar)
+                    if engine.graphs is not None:
+                        log(f"{component.label} {who} exp {i + 1}: {engine.graphs.summary()}")
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as exc:  # a step of the stack failed: every run in it stopped there
@@ -335,13 +341,15 @@ def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.device, progress: bool = True,
-                   log: Callable[[str], None] = print, resume: bool = False, stack: bool = True) -> list[RunRecord]:
+                   log: Callable[[str], None] = print, resume: bool = False, stack: bool = True,
+                   graphs: bool = False) -> list[RunRecord]:
     """Run every (strategy, seed) of the experiment; each finished run is stored at once. Every run
     writes a checkpoint after each experience (in `store.checkpoint_root`, removed once the run is
     stored). With `resume`, completed runs already in the store are skipped and keep their ids, and
     unfinished ones continue from their last checkpoint. With `stack`, the seeds of a stackable
     strategy whose scenarios share every shape train as one stacked model (`run_stacked`); a run
-    resumed from a checkpoint trains alone."""
+    resumed from a checkpoint trains alone. With `graphs` (`--cuda-graphs`), the steps of strategies that
+    allow it are replayed as CUDA graphs (cl/graphs.py); the others say once why they run eagerly."""
     datasets = load_datasets(config.datasets)
     scenarios, pipelines = {}, {}
     for i, seed in enumerate(config.seeds):
@@ -362,15 +370,19 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
             else:
                 pending.append(seed)
         folders = {seed: run_folder(store.checkpoint_root, config.name, component.label, seed) for seed in pending}
-        for group in stack_groups(component, pending, scenarios, stack,
-                                  {seed for seed in pending if resume and folders[seed].exists()}, backbone):
-            if len(group) == 1:
+        graphed = graphs and graph_problem(STRATEGIES.get(component.name).obj, device) is None
+        if graphs and not graphed:
+            log(f"cuda graphs: {component.label} runs eagerly: "
+                f"{graph_problem(STRATEGIES.get(component.name).obj, device)}")
+        resumed = {seed for seed in pending if resume and folders[seed].exists()}
+        for group in stack_groups(component, pending, scenarios, stack, resumed, backbone):
+            if len(group) == 1 and not (graphed and group[0] not in resumed):
                 seed = group[0]
                 finished = [run_one(config, component, scenarios[seed], seed, device, progress, pipelines[seed],
                                     folders[seed], resume)]
             else:
                 finished = run_stacked(config, component, [scenarios[s] for s in group], group, device, progress,
-                                       [pipelines[s] for s in group], [folders[s] for s in group])
+                                       [pipelines[s] for s in group], [folders[s] for s in group], graphed, log)
             for seed, record in zip(group, finished):
                 stored = store.write_or_keep(record)
                 record.id = stored if isinstance(stored, int) else None

@@ -42,6 +42,7 @@ from torch.func import vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
 from cl.data import Experience
+from cl.graphs import StepGraphs
 from cl.strategy import Batch, StepOutput, Strategy
 from cl.training import make_optimizer
 
@@ -57,6 +58,18 @@ def stacking_problem(strategy: type[Strategy], model: nn.Module | None = None) -
     for hook in ("loss", "train_experience", "trainable_modules", "train_step"):
         if getattr(strategy, hook) is not getattr(Strategy, hook):
             return f"it overrides {hook}()"
+    return None
+
+
+def graph_problem(strategy: type[Strategy], device: torch.device) -> str | None:
+    """Why this strategy's steps cannot be CUDA-graphed on this device (None when they can; cl/graphs.py)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    problem = stacking_problem(strategy)
+    if problem is not None:
+        return f"its step is not draw + objective ({problem})"
+    if strategy.adjust_gradients is not Strategy.adjust_gradients:
+        return "it rewrites gradients on the host (adjust_gradients)"
     return None
 
 
@@ -83,9 +96,7 @@ def _stack_value(values: list[Any]) -> Any:
 class StackedRuns:
     """Trains one experience of several member strategies (same class, parameters and shapes) at once."""
 
-    def __init__(self, members: list[Strategy]):
-        if len(members) < 2:
-            raise ValueError("stacking needs at least two runs")
+    def __init__(self, members: list[Strategy], graphs: bool = False):
         problem = stacking_problem(type(members[0]))
         if problem is not None:
             raise ValueError(f"{type(members[0]).__name__} cannot run stacked: {problem}")
@@ -93,6 +104,14 @@ class StackedRuns:
         self.template = members[0]  # its objective runs under vmap with every member's tensors bound
         self.training = self.template.training
         self.optimizer: torch.optim.Optimizer | None = None
+        self.graphs: StepGraphs | None = None
+        if graphs:  # one per experience: the parameters are stacked anew at each
+            problem = graph_problem(type(self.template), self.template.device)
+            if problem is not None:
+                raise ValueError(f"{type(self.template).__name__} cannot run with CUDA graphs: {problem}")
+            count = self.template.compute
+            self.graphs = StepGraphs(self._device_step, lambda: (count.forward_samples, count.backward_samples),
+                                     count.add_samples)
 
     # ----- one experience ------------------------------------------------------------------
     def fit(self, experiences: list[Experience], progress: Any = None) -> None:
@@ -159,7 +178,7 @@ class StackedRuns:
         by_id = {id(p): name for name, p in template.model.named_parameters()}
         groups = template._parameter_groups()
         stacked_groups = [{**g, "params": [self.parameters[by_id[id(p)]] for p in g["params"]]} for g in groups]
-        self.optimizer = make_optimizer(stacked_groups, self.training)
+        self.optimizer = make_optimizer(stacked_groups, self.training, capturable=self.graphs is not None)
         if self.training.optimizer_policy != "keep" or template.optimizer is None:
             return
         member_params = zip(*[_optimized(m.optimizer) for m in self.members])
@@ -196,36 +215,60 @@ class StackedRuns:
             raise ValueError(f"{type(self.template).__name__}.draw() returned different keys for stacked runs; "
                              f"its branches must depend only on what all runs share (e.g. buffer fill)")
         inputs = {key: torch.stack([d[key] for d in drawn]) for key in keys}
-        count = self.template.compute
-        before = count.state_dict()
-        count.count_vmapped = True
-        try:
-            result = self._objective(self.parameters, self.buffers, self.state, inputs)
-        finally:
-            count.count_vmapped = False
-        forward = count.forward_samples - before["forward_samples"]
-        backward = count.backward_samples - before["backward_samples"]
-        for member in members[1:]:  # every member made the same passes as the template
-            member.compute.forward_samples += forward
-            member.compute.backward_samples += backward
-        losses = result.pop("loss")
-        logits = result.pop("logits", None)
-        outs = [StepOutput(losses[k], logits=None if logits is None else logits[k],
-                           terms={name: value[k] for name, value in result.items()}) for k in range(len(members))]
+        if self._adjusts:  # hooks between backward and the optimizer step: not one device step
+            result = self._counted(self._forward_backward, inputs)
+            self._adjust_gradients(batches, self._outputs(result))  # each member counts its own passes
+            self._update()
+        else:
+            result = self._counted(self.graphs or self._device_step, inputs)
+        outs = self._outputs(result)
         for member, out in zip(members, outs):
             if member.loss_monitor is not None:
                 member.loss_monitor.add(out.loss.detach())
-        losses.sum().backward()
-        if self._adjusts:
-            self._adjust_gradients(batches, outs)
-        if self.training.grad_clip_norm > 0:
-            self._clip_gradients()
-        self.optimizer.step()
         for member, batch, out in zip(members, batches, outs):
             member.after_step(batch, out)
             for name, value in out.terms.items():
                 member.log(name, value)
         return outs
+
+    def _counted(self, step: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """step(inputs), the passes it counted on the template counted for every other member too."""
+        count = self.template.compute
+        forward, backward = count.forward_samples, count.backward_samples
+        result = step(inputs)
+        for member in self.members[1:]:  # every member made the same passes as the template
+            member.compute.add_samples(count.forward_samples - forward, count.backward_samples - backward)
+        return result
+
+    def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The vmapped objective of every member and the backward pass of their summed losses."""
+        count = self.template.compute
+        count.count_vmapped = True
+        try:
+            result = self._objective(self.parameters, self.buffers, self.state, inputs)
+        finally:
+            count.count_vmapped = False
+        result["loss"].sum().backward()
+        return {name: value.detach() for name, value in result.items()}
+
+    def _update(self) -> None:
+        if self.training.grad_clip_norm > 0:
+            self._clip_gradients()
+        self.optimizer.step()
+
+    def _device_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything of a step that runs on the device alone: what a CUDA graph records (cl/graphs.py)."""
+        result = self._forward_backward(inputs)
+        self._update()
+        return result
+
+    def _outputs(self, result: dict[str, torch.Tensor]) -> list[StepOutput]:
+        """Each member's StepOutput: its slice of the stacked loss, logits and terms."""
+        terms = {name: value for name, value in result.items() if name not in ("loss", "logits")}
+        logits = result.get("logits")
+        return [StepOutput(result["loss"][k], logits=None if logits is None else logits[k],
+                           terms={name: value[k] for name, value in terms.items()})
+                for k in range(len(self.members))]
 
     def _member_objective(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                           state: dict[str, Any], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

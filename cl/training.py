@@ -81,9 +81,12 @@ def parameter_groups(named: list[tuple[str, nn.Parameter]], training: TrainingPa
             for prefix, ps in groups.items()]
 
 
-def make_optimizer(groups: list[dict[str, Any]], training: TrainingParams) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict[str, Any]], training: TrainingParams,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """The `[training]` optimizer; `capturable` for steps recorded in a CUDA graph (Adam keeps its step
+    count on the device)."""
     if training.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=training.lr, weight_decay=training.weight_decay)
+        return torch.optim.Adam(groups, lr=training.lr, weight_decay=training.weight_decay, capturable=capturable)
     return torch.optim.SGD(groups, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
 
 
@@ -118,6 +121,11 @@ class ComputeCount:
         self.forward_samples += n
         if torch.is_grad_enabled() if backward is None else backward:
             self.backward_samples += n
+
+    def add_samples(self, forward: int, backward: int) -> None:
+        """Add training samples counted elsewhere (a replayed CUDA graph repeats a counted step)."""
+        self.forward_samples += forward
+        self.backward_samples += backward
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:

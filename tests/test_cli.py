@@ -581,3 +581,18 @@ def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, wri
     assert result.rc == 0, result.err
     assert sorted(r["experiment"] for r in stored()) == ["first", "second"]
     assert "\nfirst:" in result.out and "\nsecond:" in result.out
+
+
+def test_run_options_of_the_fast_engine(run_tiny, tiny_raw, one_line_error, stored):
+    """--cuda-graphs without CUDA is refused in one line; --no-stack and --threads run as asked."""
+    result = run_tiny(None, "--cuda-graphs")
+    assert result.rc == 2 and "--cuda-graphs needs a CUDA device" in one_line_error(result.err)
+    with pytest.raises(SystemExit) as exit_:
+        run_tiny(None, "--threads", "0")
+    assert exit_.value.code == 2
+    raw = tiny_raw(seeds=[0, 1], strategies=[{"name": "naive"}])
+    stacked = run_tiny(raw, "--threads", "1")
+    assert stacked.rc == 0 and stacked.out.count("for 2 stacked") == 2
+    alone = run_tiny(raw, "--no-stack", "--threads", "1")
+    assert alone.rc == 0 and "stacked" not in alone.out
+    assert [r["seed"] for r in stored()] == [0, 1]  # the same runs: the second invocation replaced them

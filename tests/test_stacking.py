@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import cl.graphs
+import cl.stacking
+from cl.graphs import Captured
 from cl.registry import STRATEGIES
 from cl.runner import build_scenario, build_strategy, load_datasets, run_experiment, stack_groups, stack_signature
-from cl.stacking import StackedRuns, stacking_problem
+from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import Strategy
 from tests.helpers import CPU, digits_experiment
@@ -178,3 +181,52 @@ def test_cuda_accuracy_agrees_with_cpu_on_a_cnn_over_seeds(tmp_path):
     for strategy in ("er", "naive"):
         cpu, cuda = np.array(acc[(strategy, "cpu")]), np.array(acc[(strategy, "cuda")])
         assert abs(cpu.mean() - cuda.mean()) <= 2 * max(cpu.std(), cuda.std()) + 0.03, (strategy, cpu, cuda)
+
+
+def eager_capture(step, inputs):
+    """A stand-in for CUDA capture on the CPU: records nothing; each replay runs the step eagerly on
+    the static inputs and writes the outputs in place, as a graph replay would."""
+    static = {name: value.clone() for name, value in inputs.items()}
+    outputs: dict = {}
+
+    def replay():
+        outputs.clear()
+        outputs.update(step(static))
+    return Captured(static, outputs, replay)
+
+
+@pytest.mark.parametrize("name", ["er", "der_pp", "lwf"])
+def test_graph_bookkeeping_replays_steps_like_the_eager_ones(name, monkeypatch):
+    """cl/graphs.py's CPU-side logic with a capture that replays eagerly: one graph per input shape,
+    warm-up and rare shapes (the first step before the buffer holds anything, the last shorter batch)
+    eager, every other step replayed from static inputs; parameters, compute counts and logs as without
+    graphs."""
+    monkeypatch.setattr(cl.graphs, "cuda_capture", eager_capture)
+    monkeypatch.setattr(cl.stacking, "graph_problem", lambda strategy, device: None)
+    cfg = digits_experiment([{"name": name}], hidden=[32], lr=0.05)
+    plain, scenarios = members(cfg, [0, 1])
+    graphed, _ = members(cfg, [0, 1])
+    for i in range(2):
+        exps = [s.train[i] for s in scenarios]
+        StackedRuns(plain).fit(exps)
+        engine = StackedRuns(graphed, graphs=True)
+        engine.fit(exps)
+        steps = plain[0].steps_per_experience(exps[0])
+        graphs = engine.graphs
+        assert graphs.replayed + graphs.eager == steps and len(graphs.graphs) == 1
+        assert graphs.eager == 3 + (len(exps[0]) % 10 != 0) + (name != "lwf" and i == 0)
+        assert "replayed" in graphs.summary()
+    for a, b in zip(plain, graphed):
+        for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+            assert torch.equal(pa, pb)
+        assert a.compute == b.compute
+        assert a.logs.means == b.logs.means
+
+
+def test_strategies_that_rewrite_gradients_are_not_graphed():
+    cuda = torch.device("cuda")
+    assert graph_problem(STRATEGIES.get("er").obj, cuda) is None
+    assert graph_problem(STRATEGIES.get("er").obj, CPU) == "CUDA graphs need a CUDA device, not cpu"
+    assert "adjust_gradients" in graph_problem(STRATEGIES.get("agem").obj, cuda)
+    assert "adjust_gradients" in graph_problem(STRATEGIES.get("si").obj, cuda)
+    assert "not draw + objective" in graph_problem(STRATEGIES.get("gem").obj, cuda)

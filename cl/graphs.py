@@ -1,0 +1,106 @@
+"""CUDA-graph train steps (`cl run --cuda-graphs`; off by default, CUDA only).
+
+A training step of a small model at batch 10 is a few dozen tiny kernels, and on
+a GPU the time goes into launching them. A CUDA graph records the kernels of one
+step once and replays them with one launch. What a replay can redo is only
+device work on fixed addresses with fixed shapes, so the step is split:
+
+    eager, every step:  draw (random draws, buffer samples: host-side counters),
+                        after_step (buffer updates), logs, the loss monitor
+    graphed:            the objective, backward, gradient clipping and the
+                        optimizer update, on static copies of the step's inputs
+
+`StepGraphs` keeps one graph per input signature (the names, shapes and dtypes of
+the drawn tensors). A signature's first `warmup` steps run eagerly (they also
+create the optimizer's state); the next one is captured and every later one
+replayed. A signature that occurs fewer times (the last, shorter batch of an
+experience; the first step before a buffer has anything to replay) simply stays
+eager. Compute counts are those of the signature's last eager step, added at
+each replay (what the capture's own Python pass counted is taken back out).
+Strategies that rewrite gradients on the host (`adjust_gradients`: GEM's
+quadratic program, A-GEM's projection, SI's bookkeeping) are not graphed.
+
+The capture itself needs a GPU: `capture` is injectable, and the tests drive the
+bookkeeping above on the CPU with a capture that records the step and replays it
+eagerly. As of this writing no GPU has been lent to the project, so the CUDA
+capture path has not run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Inputs = dict[str, torch.Tensor]
+Outputs = dict[str, torch.Tensor]
+Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+def signature(inputs: Inputs) -> Signature:
+    return tuple((name, tuple(value.shape), value.dtype) for name, value in inputs.items())
+
+
+class Captured:
+    """One recorded step: static inputs, the outputs it writes, and how to replay it."""
+
+    def __init__(self, static: Inputs, outputs: Outputs, replay: Callable[[], None]):
+        self.static, self.outputs, self.replay = static, outputs, replay
+
+
+def cuda_capture(step: Callable[[Inputs], Outputs], inputs: Inputs) -> Captured:
+    """Record `step` on static copies of `inputs` as a CUDA graph (PyTorch's whole-step recipe: the
+    caller has run warm-up steps eagerly and left the gradients as None, so backward allocates them
+    in the graph's memory pool). Capturing does not run the step: the caller replays it once."""
+    static = {name: value.clone() for name, value in inputs.items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step(static)
+    return Captured(static, outputs, graph.replay)
+
+
+class StepGraphs:
+    """Graphs of a strategy's device step, one per input signature (see the module doc)."""
+
+    def __init__(self, step: Callable[[Inputs], Outputs], counts: Callable[[], tuple[int, int]],
+                 add_counts: Callable[[int, int], None], warmup: int = 3,
+                 capture: Callable[[Callable[[Inputs], Outputs], Inputs], Captured] | None = None):
+        self.step, self.counts, self.add_counts = step, counts, add_counts
+        self.warmup, self.capture = warmup, capture if capture is not None else cuda_capture
+        self.graphs: dict[Signature, tuple[Captured, tuple[int, int]]] = {}
+        self.seen: dict[Signature, int] = {}
+        self.step_counts: dict[Signature, tuple[int, int]] = {}  # samples of the signature's last eager step
+        self.replayed = 0
+        self.eager = 0
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        key = signature(inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= self.warmup:
+                self.eager += 1
+                before = self.counts()
+                outputs = self.step(inputs)
+                after = self.counts()
+                self.step_counts[key] = (after[0] - before[0], after[1] - before[1])
+                return outputs
+            before = self.counts()
+            captured = self.capture(self.step, inputs)
+            after = self.counts()
+            self.add_counts(before[0] - after[0], before[1] - after[1])  # capture runs no step
+            entry = self.graphs[key] = (captured, self.step_counts[key])
+        captured, (forward, backward) = entry
+        for name, value in inputs.items():
+            captured.static[name].copy_(value)
+        before = self.counts()
+        captured.replay()
+        after = self.counts()  # a CUDA replay runs no Python and counts nothing; a stand-in may
+        self.add_counts(forward + before[0] - after[0], backward + before[1] - after[1])
+        self.replayed += 1
+        # The graph overwrites its outputs at the next replay; hooks and logs keep what they are given.
+        return {name: value.detach().clone() for name, value in captured.outputs.items()}
+
+    def summary(self) -> str:
+        """One line for the log: what was replayed and what ran eagerly."""
+        return (f"cuda graphs: {len(self.graphs)} step shape(s) captured, {self.replayed} steps replayed, "
+                f"{self.eager} eager (warm-up, and shapes too rare to capture: the last, shorter batch)")

@@ -50,9 +50,11 @@ from cl.training import make_optimizer
 def stacking_problem(strategy: type[Strategy], model: nn.Module | None = None) -> str | None:
     """Why runs of this strategy class (on this backbone, when given) cannot be stacked (None when they can)."""
     if model is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        # Measured: resnet18_reduced's parameters left its runs alone by 0.04 after 5 stacked steps, while
-        # models without batch norm agree to 1e-7; the batched running statistics are the suspect.
-        return "the model has batch-norm layers (stacked, its runs drift from the runs alone)"
+        # Batch norm at batch 10 amplifies rounding: resnet18_reduced on Fashion-MNIST drifted 0.02 in its
+        # parameters after 20 steps between one and two threads, as much as stacked against alone (0.02),
+        # so a stacked run cannot be checked against its run alone; until a check over seeds says the
+        # two agree in distribution, such backbones train alone.
+        return "the model has batch-norm layers (their runs are too sensitive to rounding to check stacked)"
     if not strategy.stackable:
         return "it does not declare stackable = True"
     for hook in ("loss", "train_experience", "trainable_modules", "train_step"):

@@ -49,6 +49,19 @@ def train_steps_stacked(strategies: list[Strategy], exps, steps: int) -> None:
         strategy.end_fit(exp)
 
 
+def alone_and_stacked(cfg, steps: int):
+    """The strategy of `cfg` for SEEDS, trained `steps` steps on each of two experiences: each seed
+    alone, and the three stacked (two sets of members with the same seeds)."""
+    alone, scenarios = members(cfg)
+    stacked, _ = members(cfg)
+    for i in range(2):
+        exps = [s.train[i] for s in scenarios]
+        for strategy, exp in zip(alone, exps):
+            train_steps_alone(strategy, exp, steps)
+        train_steps_stacked(stacked, exps, steps)
+    return alone, stacked
+
+
 @pytest.mark.parametrize("name", STACKABLE)
 @pytest.mark.parametrize("setting", ["class-il", "task-il"])
 def test_stacked_parameters_match_separate_runs_after_50_steps(name, setting):
@@ -57,13 +70,7 @@ def test_stacked_parameters_match_separate_runs_after_50_steps(name, setting):
     options = {"task_labels": True, "multi_head": True} if setting == "task-il" else {}
     extra = {"memory_per_task": 20, "sample_size": 16} if name == "agem" else {}
     cfg = digits_experiment([{"name": name, **extra}], hidden=[32], lr=0.05, momentum=0.5, **options)
-    alone, scenarios = members(cfg)
-    stacked, _ = members(cfg)
-    for i in range(2):
-        exps = [s.train[i] for s in scenarios]
-        for strategy, exp in zip(alone, exps):
-            train_steps_alone(strategy, exp, 50)
-        train_steps_stacked(stacked, exps, 50)
+    alone, stacked = alone_and_stacked(cfg, 50)
     for a, b in zip(alone, stacked):
         for (name_a, pa), (name_b, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
             assert name_a == name_b
@@ -80,13 +87,7 @@ def test_gradient_clipping_and_adam_state_carry_over_per_member():
     goes back to each member after an experience and into the stack at the next."""
     cfg = digits_experiment([{"name": "er"}], hidden=[32], lr=0.01, optimizer="adam", optimizer_policy="keep",
                             grad_clip_norm=0.5)
-    alone, scenarios = members(cfg)
-    stacked, _ = members(cfg)
-    for i in range(2):
-        exps = [s.train[i] for s in scenarios]
-        for strategy, exp in zip(alone, exps):
-            train_steps_alone(strategy, exp, 30)
-        train_steps_stacked(stacked, exps, 30)
+    alone, stacked = alone_and_stacked(cfg, 30)
     for a, b in zip(alone, stacked):
         for pa, pb in zip(a.model.parameters(), b.model.parameters()):
             assert torch.allclose(pa, pb, atol=1e-5, rtol=0)

@@ -218,12 +218,11 @@ class StackedRuns:
                              f"its branches must depend only on what all runs share (e.g. buffer fill)")
         inputs = {key: torch.stack([d[key] for d in drawn]) for key in keys}
         if self._adjusts:  # hooks between backward and the optimizer step: not one device step
-            result = self._counted(self._forward_backward, inputs)
-            self._adjust_gradients(batches, self._outputs(result))  # each member counts its own passes
+            outs = self._outputs(self._counted(self._forward_backward, inputs))
+            self._adjust_gradients(batches, outs)  # each member counts its own passes
             self._update()
         else:
-            result = self._counted(self.graphs or self._device_step, inputs)
-        outs = self._outputs(result)
+            outs = self._outputs(self._counted(self.graphs or self._device_step, inputs))
         for member, out in zip(members, outs):
             if member.loss_monitor is not None:
                 member.loss_monitor.add(out.loss.detach())

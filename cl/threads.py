@@ -15,6 +15,7 @@ experience. `--threads N` fixes the count instead.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -68,7 +69,6 @@ def claim(requested: int | None = None) -> int:
         REGISTRY.mkdir(parents=True, exist_ok=True)
         _registered = REGISTRY / str(os.getpid())
         _registered.touch()
-        import atexit
         atexit.register(release)
     return rebalance()
 

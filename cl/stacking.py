@@ -26,6 +26,12 @@ state is handed back to the members after every experience (checkpoints and
 optimizer_policy = "keep" use the members' own optimizers). The results are
 the runs trained one by one, up to floating-point reassociation.
 
+Members may differ in hyperparameters that change no shape (a sweep's stacked trials, cl/sweep.py):
+in the strategy's float parameters, which the objective then sees as the member's own 0-d tensor
+(`self.params.alpha * term` works; Python branching on such a value does not), and in the
+training's lr, momentum, weight_decay and grad_clip_norm, in which case each member's own
+optimizer steps its slices (views of the stack) instead of one optimizer over the stack.
+
 Two-dimensional weights are stacked in the transposed layout, (runs, in, out)
 in memory: the batched matrix product then produces their gradient in the
 parameter's own layout and autograd does not copy it (that copy was half of a
@@ -34,6 +40,8 @@ stacked step's time on these CPUs).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -45,6 +53,9 @@ from cl.data import Experience
 from cl.graphs import StepGraphs
 from cl.strategy import Batch, StepOutput, Strategy
 from cl.training import make_optimizer
+
+#: Training parameters stacked members may differ in (each member then steps its own optimizer).
+PER_MEMBER_TRAINING = ("lr", "momentum", "weight_decay", "grad_clip_norm")
 
 
 def stacking_problem(strategy: type[Strategy], model: nn.Module | None = None) -> str | None:
@@ -95,8 +106,29 @@ def _stack_value(values: list[Any]) -> Any:
                     f"lists and tuples of tensors")
 
 
+def member_differences(members: list[Strategy]) -> tuple[list[str], list[str]]:
+    """The strategy parameters and the training parameters in which the members differ; a ValueError
+    when they differ in anything stacking cannot vary per member (a shape, a branch, a schedule)."""
+    def differing(objects: list[Any]) -> list[str]:
+        return [f.name for f in dataclasses.fields(objects[0])
+                if any(getattr(o, f.name) != getattr(objects[0], f.name) for o in objects[1:])]
+
+    params = differing([m.params for m in members]) if dataclasses.is_dataclass(members[0].params) else []
+    for name in params:
+        values = [getattr(m.params, name) for m in members]
+        if not all(isinstance(v, float) for v in values):
+            raise ValueError(f"stacked runs differ in strategy parameter {name!r} ({values}); only float "
+                             f"parameters may differ between stacked runs")
+    training = differing([m.training for m in members])
+    fixed = [name for name in training if name not in PER_MEMBER_TRAINING]
+    if fixed:
+        raise ValueError(f"stacked runs differ in training.{fixed[0]}; only {', '.join(PER_MEMBER_TRAINING)} "
+                         f"may differ between stacked runs")
+    return params, training
+
+
 class StackedRuns:
-    """Trains one experience of several member strategies (same class, parameters and shapes) at once."""
+    """Trains one experience of several member strategies (same class and shapes) at once."""
 
     def __init__(self, members: list[Strategy], graphs: bool = False):
         problem = stacking_problem(type(members[0]))
@@ -105,8 +137,13 @@ class StackedRuns:
         self.members = members
         self.template = members[0]  # its objective runs under vmap with every member's tensors bound
         self.training = self.template.training
+        self.varying_params, varying_training = member_differences(members)
+        # Each member steps its slices with its own optimizer (clipping is per member either way).
+        self.own_optimizers = any(name != "grad_clip_norm" for name in varying_training)
         self.optimizer: torch.optim.Optimizer | None = None
         self.graphs: StepGraphs | None = None
+        if graphs and self.own_optimizers:
+            raise ValueError("stacked runs with different training parameters cannot run with CUDA graphs")
         if graphs:  # one per experience: the parameters are stacked anew at each
             problem = graph_problem(type(self.template), self.template.device)
             if problem is not None:
@@ -132,7 +169,8 @@ class StackedRuns:
                     if progress is not None:
                         progress.update(1)
         finally:
-            self._hand_back_optimizer()
+            if not self.own_optimizers:
+                self._hand_back_optimizer()
         for member, exp in zip(self.members, experiences):
             member.end_fit(exp)
 
@@ -168,8 +206,19 @@ class StackedRuns:
                 self.state[name] = {key: torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]}
             else:
                 self.state[name] = _stack_value(values)
-        self._build_optimizer()
-        self._clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.varying_params:  # bound as the template's params (see _bound)
+            self.state["params"] = {name: torch.tensor([getattr(m.params, name) for m in self.members],
+                                                       device=self.template.device) for name in self.varying_params}
+        by_id = {id(p): name for name, p in self.template.model.named_parameters()}
+        self._clipped = [self.parameters[by_id[id(p)]] for g in self.template._parameter_groups() for p in g["params"]]
+        clip = [m.training.grad_clip_norm for m in self.members]
+        self._clip_norms = torch.tensor([c if c > 0 else float("inf") for c in clip], device=self.template.device) \
+            if any(c > 0 for c in clip) else None
+        if self.own_optimizers:
+            for member in self.members:
+                member._prepare_optimizer()  # over its parameters, now views of its slices
+        else:
+            self._build_optimizer()
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
         self._objective = vmap(self._member_objective, randomness="error")
 
@@ -207,7 +256,8 @@ class StackedRuns:
     # ----- one step ------------------------------------------------------------------------
     def train_step(self, batches: list[Batch]) -> list[StepOutput]:
         members = self.members
-        self.optimizer.zero_grad(set_to_none=True)
+        for stacked in self.parameters.values():
+            stacked.grad = None
         drawn = []
         for member, batch in zip(members, batches):
             member.step += 1
@@ -253,9 +303,15 @@ class StackedRuns:
         return {name: value.detach() for name, value in result.items()}
 
     def _update(self) -> None:
-        if self.training.grad_clip_norm > 0:
+        if self._clip_norms is not None:
             self._clip_gradients()
-        self.optimizer.step()
+        if not self.own_optimizers:
+            self.optimizer.step()
+            return
+        self._lend_gradients()
+        for member in self.members:
+            member.optimizer.step()
+        self._take_back_gradients()
 
     def _device_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Everything of a step that runs on the device alone: what a CUDA graph records (cl/graphs.py)."""
@@ -292,7 +348,10 @@ class StackedRuns:
             stack.enter_context(_reparametrize_module(template.model, {**parameters, **buffers}))
             for name, value in state.items():
                 current = getattr(template, name)
-                if isinstance(current, nn.Module):
+                if name == "params" and self.varying_params:  # the member's own float parameters
+                    saved[name] = current
+                    setattr(template, name, _with_values(current, value))
+                elif isinstance(current, nn.Module):
                     stack.enter_context(_reparametrize_module(current, value))
                 else:
                     saved[name] = current
@@ -305,14 +364,23 @@ class StackedRuns:
 
     def _adjust_gradients(self, batches: list[Batch], outs: list[StepOutput]) -> None:
         """Each member's adjust_gradients, its parameters' .grad being views of its slice of the stack's."""
+        self._lend_gradients()
+        for member, batch, out in zip(self.members, batches, outs):
+            member.adjust_gradients(batch, out)
+        self._take_back_gradients()
+
+    def _lend_gradients(self) -> None:
+        """Set each member parameter's .grad to its slice of the stack's gradient (views)."""
         models = [m.model for m in self.members]
         for name, stacked in self.parameters.items():
             if stacked.grad is None:
                 continue
             for k, model in enumerate(models):
                 model.get_parameter(name).grad = stacked.grad[k]
-        for member, batch, out in zip(self.members, batches, outs):
-            member.adjust_gradients(batch, out)
+
+    def _take_back_gradients(self) -> None:
+        """Undo `_lend_gradients`, first copying back any .grad a member replaced."""
+        models = [m.model for m in self.members]
         for name, stacked in self.parameters.items():  # a hook may have replaced a .grad: copy it back
             if stacked.grad is None:
                 continue
@@ -328,9 +396,17 @@ class StackedRuns:
         if not grads:
             return
         norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-        scale = (self.training.grad_clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        scale = (self._clip_norms / (norms + 1e-6)).clamp(max=1.0)  # no clipping: max norm inf
         for g in grads:
             g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
+def _with_values(params: Any, values: dict[str, Any]) -> Any:
+    """A copy of a (possibly frozen) parameter dataclass with some fields replaced."""
+    params = copy.copy(params)
+    for name, value in values.items():
+        object.__setattr__(params, name, value)
+    return params
 
 
 def _optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -44,7 +44,8 @@ def train_steps_stacked(strategies: list[Strategy], exps, steps: int) -> None:
         if i == steps:
             break
         engine.train_step(list(batches))
-    engine._hand_back_optimizer()
+    if not engine.own_optimizers:
+        engine._hand_back_optimizer()
     for strategy, exp in zip(strategies, exps):
         strategy.end_fit(exp)
 
@@ -80,6 +81,44 @@ def test_stacked_parameters_match_separate_runs_after_50_steps(name, setting):
         for key, by_exp in a.logs.means.items():
             assert by_exp == pytest.approx(b.logs.means[key], rel=1e-4, abs=1e-5)
     assert len({round(float(next(s.model.parameters()).detach().sum()), 4) for s in stacked}) == 3  # members differ
+
+
+@pytest.mark.parametrize("name, varied", [
+    ("der_pp", [{"alpha": 0.1, "beta": 0.5}, {"alpha": 0.3, "beta": 1.0}, {"alpha": 1.0, "beta": 0.2}]),
+    ("lwf", [{"alpha": 0.5, "temperature": 2.0}, {"alpha": 1.0, "temperature": 1.0},
+             {"alpha": 2.0, "temperature": 4.0}]),
+    ("ewc", [{"ewc_lambda": 1.0}, {"ewc_lambda": 10.0}, {"ewc_lambda": 30.0}]),
+])
+def test_members_with_different_hyperparameters_match_their_runs_alone(name, varied):
+    """A sweep's stacked trials: members differing in float strategy parameters, learning rate,
+    momentum and clipping each give their run trained alone (same seed, different values)."""
+    training = [{"lr": 0.02, "momentum": 0.0}, {"lr": 0.05, "momentum": 0.5, "grad_clip_norm": 1.0},
+                {"lr": 0.08, "momentum": 0.7}]
+    cfgs = [digits_experiment([{"name": name, **v}], hidden=[32], **t) for v, t in zip(varied, training)]
+    scenario = build_scenario(cfgs[0], load_datasets(cfgs[0].datasets), 0)
+    build = lambda: [build_strategy(c.strategies[0], c, scenario, CPU, 0) for c in cfgs]  # noqa: E731
+    alone, stacked = build(), build()
+    for i in range(2):
+        exp = scenario.train[i]
+        for strategy in alone:
+            train_steps_alone(strategy, exp, 50)
+        train_steps_stacked(stacked, [exp] * 3, 50)
+    for a, b in zip(alone, stacked):
+        for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+            assert torch.allclose(pa, pb, atol=1e-5, rtol=0), (n, (pa - pb).abs().max().item())
+        for key, by_exp in a.logs.means.items():
+            assert by_exp == pytest.approx(b.logs.means[key], rel=1e-4, abs=1e-5)
+    assert len({round(float(next(s.model.parameters()).detach().sum()), 4) for s in stacked}) == 3
+
+
+def test_members_may_not_differ_in_shapes_or_schedules():
+    cfgs = [digits_experiment([{"name": "er", "buffer_size": b}], hidden=[32]) for b in (100, 200)]
+    scenario = build_scenario(cfgs[0], load_datasets(cfgs[0].datasets), 0)
+    with pytest.raises(ValueError, match="strategy parameter 'buffer_size'"):
+        StackedRuns([build_strategy(c.strategies[0], c, scenario, CPU, 0) for c in cfgs])
+    cfgs = [digits_experiment([{"name": "er"}], hidden=[32], batch_size=b) for b in (10, 20)]
+    with pytest.raises(ValueError, match="training.batch_size"):
+        StackedRuns([build_strategy(c.strategies[0], c, scenario, CPU, 0) for c in cfgs])
 
 
 def test_gradient_clipping_and_adam_state_carry_over_per_member():

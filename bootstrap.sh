@@ -3,7 +3,8 @@
 #   bash bootstrap.sh demo          install everything, run experiments/quickstart.toml, write results/leaderboard/
 #   bash bootstrap.sh test [ARGS]   install everything, run the test suite (pytest ARGS)
 # It creates .venv inside the checkout if missing, installs the package with its
-# dev extra, and installs Fashion-MNIST through apt when its files are missing.
+# dev extra, and installs Fashion-MNIST through apt when its files are missing (and, for the tests,
+# PostgreSQL, which the multi-machine sweep test starts on 127.0.0.1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -59,6 +60,23 @@ install_fashion_mnist() {
     return 1
 }
 
+postgresql_present() {
+    compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || command -v pg_ctl >/dev/null 2>&1
+}
+
+install_postgresql() {
+    postgresql_present && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
+    fi
+    if command -v apt-get >/dev/null 2>&1 && [ "$sudo" != none ]; then
+        echo "bootstrap: installing PostgreSQL (Debian package postgresql) for the multi-machine sweep test"
+        $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    postgresql_present
+}
+
 case "${1:-}" in
     demo)
         install_package
@@ -71,6 +89,7 @@ case "${1:-}" in
         shift
         install_package
         install_fashion_mnist || echo "bootstrap: the tests on the real Fashion-MNIST files will be skipped" >&2
+        install_postgresql || echo "bootstrap: PostgreSQL could not be installed; its sweep test will be skipped" >&2
         exec .venv/bin/python -m pytest "$@"
         ;;
     *)

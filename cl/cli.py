@@ -1,4 +1,4 @@
-"""The `cl` command line: run, pretrain, list, show, runs, import, leaderboard.
+"""The `cl` command line: run, sweep, pretrain, list, show, runs, import, leaderboard.
 
 Bad input exits with code 2 and one line on stderr. A run that fails or diverges is
 stored with its status and the invocation goes on; `cl run` then exits with code 1
@@ -114,6 +114,44 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute threads for this process (default: the cores shared among the cl processes "
                           "running on this machine, re-checked at every experience)")
 
+    sweep = sub.add_parser("sweep", help="tune a strategy's hyperparameters with Optuna on the validation split")
+    sweep.add_argument("file", metavar="FILE", help="experiment TOML file with a search space, e.g. "
+                                                    "lr = {low = 1e-3, high = 0.3, log = true} (see README)")
+    sweep.add_argument("--trials", type=positive_int, metavar="N",
+                       help="finish the study with N trials (complete, pruned or stopped), counting earlier ones")
+    sweep.add_argument("--workers", type=positive_int, default=1, metavar="K",
+                       help="worker processes on this machine, each with its share of the cores (default 1)")
+    sweep.add_argument("--storage", metavar="URL", help="Optuna storage: an SQLAlchemy URL (default: sweeps.db "
+                       "beside an SQLite --store; postgresql+psycopg://user@host/db for many machines)")
+    sweep.add_argument("--study", metavar="NAME", help="study name (default EXPERIMENT.STRATEGY)")
+    sweep.add_argument("--metric", default="acc", help="objective on the validation split: acc, avg_inc_acc, "
+                       "task_il_acc, bwt (maximised) or forgetting (minimised); default acc")
+    sweep.add_argument("--timeout", type=float, metavar="S", help="ask for no new trial after S seconds")
+    sweep.add_argument("--strategy", metavar="LABEL", help="the strategy to tune, when several have a search space")
+    sweep.add_argument("--seed", type=int, help="the seed of every trial (default: the file's first seed)")
+    sweep.add_argument("--stack", type=positive_int, default=4, metavar="K",
+                       help="ask Optuna for up to K trials at a time and train those that differ only in float "
+                            "values as one stacked model (default 4; 1 = one trial at a time)")
+    sweep.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
+                       help="stop hopeless trials on their validation accuracy after each experience (default median)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the file, e.g. validation.fraction=0.2")
+    sweep.add_argument("--best", action="store_true",
+                       help="write the best trial's values into a new experiment file (--out FILE), for cl run")
+    sweep.add_argument("--report", action="store_true",
+                       help="plot the optimisation history and the parameter importances (PNG files in --out)")
+    sweep.add_argument("--out", metavar="PATH", help="--best: the experiment file to write; --report: the folder "
+                                                     "(default results/sweeps/STUDY)")
+    sweep.add_argument("--store", default=DEFAULT_STORE, help=f"result store for the trials' runs ({DEFAULT_STORE})")
+    sweep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sweep.add_argument("--threads", type=positive_int, metavar="N", help="compute threads per worker (default: "
+                       "the cores shared among the cl processes running on this machine)")
+    sweep.add_argument("--heartbeat", type=positive_int, default=10, metavar="S",
+                       help="seconds between a worker's heartbeats; a trial silent for 3x this is failed and "
+                            "retried once by another worker (default 10)")
+    sweep.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the workers of --workers K
+
     pre = sub.add_parser("pretrain", help="train a backbone on a source dataset and save it as a checkpoint")
     pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain_vit_mnist5k.toml")
     pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -197,6 +235,79 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{store.spill_dir}/; store them with `cl import {store.spill_dir}/run-*.json --store {args.store}`",
               file=sys.stderr)
     return 1 if stopped or unsaved else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    import tomli_w
+
+    from cl import sweep as sweeps
+    from cl.runner import resolve_device
+    from cl.store import ResultStore
+
+    sweep = sweeps.prepare_sweep(args.file, args.overrides, args.strategy, args.metric, args.seed, args.storage,
+                                 args.study, args.store)
+    if args.best or args.report:
+        if args.best and args.report:
+            raise UserError("--best and --report: give one at a time")
+        study = sweeps.open_study(sweep, args.pruner, args.heartbeat, create=False)
+        if args.best:
+            if not args.out:
+                raise UserError("--best needs --out FILE, the experiment file to write")
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(tomli_w.dumps(sweeps.best_experiment(sweep, study)))
+            print(f"{sweeps.summary(sweep, study)}\nwritten {out}: run it on the test stream with `cl run {out}`")
+        else:
+            paths = sweeps.write_report(study, Path(args.out or Path("results") / "sweeps" / sweep.study_name))
+            print(f"report written: {', '.join(str(p) for p in paths)}")
+        return 0
+    if args.trials is None:
+        raise UserError("cl sweep needs --trials N (or --best / --report on an existing study)")
+    device = resolve_device(args.device)
+    store = ResultStore(args.store)
+    store.check_writable()
+    worker = args.worker_index is not None
+    study = sweeps.open_study(sweep, args.pruner, args.heartbeat, sampler_seed=sweep.seed + (args.worker_index or 0))
+    if not worker:
+        print(f"sweep {sweep.study_name}: {args.trials} trials of {sweep.label} in "
+              f"{', '.join(d.describe() for d in sweep.dimensions)}; objective: validation {sweep.metric} "
+              f"({sweep.direction}); study in {sweep.storage}, runs -> {args.store}", flush=True)
+    if args.workers > 1:
+        children = [subprocess.Popen([sys.executable, "-m", "cl.cli", *worker_argv(args, k)])
+                    for k in range(args.workers)]
+        codes = [child.wait() for child in children]
+        print(sweeps.summary(sweep, study))
+        return max(codes)
+    threads.claim(args.threads)
+    sweeps.work(sweep, study, args.trials, store, device, stack=args.stack, timeout=args.timeout,
+                progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    if not worker:
+        print(sweeps.summary(sweep, study))
+    return 0
+
+
+def worker_argv(args: argparse.Namespace, index: int) -> list[str]:
+    """The `cl sweep` command line of worker `index` of --workers K: the same sweep, one worker."""
+    argv = ["sweep", args.file, "--trials", str(args.trials), "--storage", sweeps_storage(args),
+            "--metric", args.metric, "--stack", str(args.stack), "--pruner", args.pruner, "--store", args.store,
+            "--device", args.device, "--heartbeat", str(args.heartbeat), "--worker-index", str(index),
+            "--no-progress"]
+    for option, value in (("--study", args.study), ("--timeout", args.timeout), ("--strategy", args.strategy),
+                          ("--seed", args.seed), ("--threads", args.threads)):
+        if value is not None:
+            argv += [option, str(value)]
+    for assignment in args.overrides:
+        argv += ["--set", assignment]
+    return argv
+
+
+def sweeps_storage(args: argparse.Namespace) -> str:
+    from cl.sweep import default_storage
+
+    return args.storage or default_storage(args.store)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -320,7 +431,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs in {args.store}")
         return 0
     table = [["id", "experiment", "strategy", "seed", "status", *HEADLINE]]
-    table += [[str(r["id"]), r["experiment"], r["strategy"], str(r["seed"]), r["status"],
+    table += [[str(r["id"]), r["experiment"], r["strategy"], str(r["seed"]),
+               r["status"] if r["evaluated_on"] == "test" else f"{r['status']} (validation)",
                *("-" if r[h] is None else format(r[h], ".3f") for h in HEADLINE)] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     left = {1, 2, 4}  # names and status; numbers right-aligned
@@ -329,7 +441,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
             "import": cmd_import, "leaderboard": cmd_leaderboard}
 
 

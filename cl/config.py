@@ -15,6 +15,8 @@
     normalize = true
     [divergence]         # optional: when a run counts as diverged (cl/divergence.py)
     factor = 10.0
+    [validation]         # optional: the held-out share cl sweep evaluates on (cl/validation.py)
+    fraction = 0.1
     [[strategies]]
     name = "er"
     buffer_size = 500
@@ -36,10 +38,11 @@ from cl.params import build_params, params_to_dict
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, Registry
 from cl.training import TrainingParams
 from cl.transforms import TransformParams
+from cl.validation import ValidationParams
 
 TOP_LEVEL = {"name": "str", "description": "str", "seeds": "list[int]", "dataset": "table or list of tables",
              "scenario": "table", "model": "table", "training": "table", "transforms": "table",
-             "divergence": "table", "strategies": "list of tables"}
+             "divergence": "table", "validation": "table", "strategies": "list of tables"}
 REQUIRED = ("name", "dataset", "scenario", "model", "strategies")
 # Keys that do not change results and so do not enter a run's identity.
 NON_RESULT_KEYS = {"data_dir"}
@@ -70,12 +73,20 @@ class ExperimentConfig:
     strategies: list[Component]
     source: str = ""
     divergence: DivergenceParams = dataclasses.field(default_factory=DivergenceParams)
+    validation: ValidationParams = dataclasses.field(default_factory=ValidationParams)
+    # "test": train on the training experiences, evaluate on the test stream (cl run); "validation":
+    # train on them minus the [validation] share, evaluate on that share (cl sweep; cl/validation.py).
+    evaluated_on: str = "test"
 
     def setup(self) -> dict[str, Any]:
         """Everything but strategies and seeds, as JSON-able data (stored with each run)."""
-        return {"datasets": [d.as_dict() for d in self.datasets], "scenario": self.scenario.as_dict(),
-                "model": self.model.as_dict(), "training": dataclasses.asdict(self.training),
-                "transforms": dataclasses.asdict(self.transforms), "divergence": dataclasses.asdict(self.divergence)}
+        setup = {"datasets": [d.as_dict() for d in self.datasets], "scenario": self.scenario.as_dict(),
+                 "model": self.model.as_dict(), "training": dataclasses.asdict(self.training),
+                 "transforms": dataclasses.asdict(self.transforms), "divergence": dataclasses.asdict(self.divergence),
+                 "evaluated_on": self.evaluated_on}
+        if self.evaluated_on == "validation":
+            setup["validation"] = dataclasses.asdict(self.validation)
+        return setup
 
     def setup_identity(self) -> dict[str, Any]:
         setup = copy.deepcopy(self.setup())
@@ -205,6 +216,7 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     training = build_params(TrainingParams, raw.get("training", {}), f"{where}: [training]")
     transforms = build_params(TransformParams, raw.get("transforms", {}), f"{where}: [transforms]")
     divergence = build_params(DivergenceParams, raw.get("divergence", {}), f"{where}: [divergence]")
+    validation = build_params(ValidationParams, raw.get("validation", {}), f"{where}: [validation]")
 
     tables = raw["strategies"]
     if not isinstance(tables, list) or not tables:
@@ -220,7 +232,7 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
             raise UserError(f"--strategy {unknown_sel[0]!r} is not in this experiment (has: {', '.join(labels)})")
         strategies = [s for s in strategies if s.label in only_strategies]
     return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training, transforms,
-                            strategies, source, divergence)
+                            strategies, source, divergence, validation)
 
 
 def _takes_data_dir(table: dict[str, Any]) -> bool:

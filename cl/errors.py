@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class RunError(Exception):
     """Training started but could not finish (e.g. a non-finite loss)."""
+
+
+class Pruned(RunError):
+    """A sweep's pruner stopped the run after an experience: its trial looked hopeless (cl/sweep.py)."""

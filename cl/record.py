@@ -55,7 +55,7 @@ class RunRecord:
     strategy_name: str  # the registered name
     params: dict[str, Any]
     seed: int
-    status: str  # completed, diverged (cl.divergence's rules) or failed (an exception)
+    status: str  # completed, diverged (cl.divergence's rules), failed (an exception) or pruned (cl sweep)
     setting: str
     matrix: Matrix
     task_il_matrix: Matrix | None  # class-IL scenarios only
@@ -70,6 +70,9 @@ class RunRecord:
     model_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # Strategy.model_statistics()
     # Runs that did not complete: {"experience": 1-based (0 = before training), "step", "reason", "traceback"}.
     failure: dict[str, Any] | None = None
+    # "test" (cl run) or "validation" (cl sweep: held out of the training experiences, cl/validation.py).
+    evaluated_on: str = "test"
+    sweep: dict[str, Any] | None = None  # a sweep trial's {"study", "trial"} (cl/sweep.py)
 
     @property
     def task_il_acc(self) -> float | None:
@@ -107,7 +110,8 @@ class RunRecord:
                 "wall_seconds": b.wall_seconds / b.stacked_runs,  # the run's share of a stacked group's time
                 "memory_bytes": b.memory_bytes, "model_bytes": b.model_bytes,
                 "forward_samples": b.forward_samples, "backward_samples": b.backward_samples,
-                "compression_ratio": self.model_stats.get("compression_ratio")}
+                "compression_ratio": self.model_stats.get("compression_ratio"),
+                "evaluated_on": self.evaluated_on, "study": None if self.sweep is None else self.sweep["study"]}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

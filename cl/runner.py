@@ -21,7 +21,7 @@ from cl import threads
 from cl.config import Component, ExperimentConfig
 from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
-from cl.errors import RunError, UserError
+from cl.errors import Pruned, RunError, UserError
 from cl.evaluation import Evaluator
 from cl.footprint import available_bytes, gib, lower_bound, meta_model, parameter_count
 from cl.metrics import compute_metrics
@@ -34,6 +34,7 @@ from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
 from cl.transforms import InputPipeline, channel_statistics
+from cl.validation import validation_scenario
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,8 +59,13 @@ def load_datasets(components: list[Component]) -> list[LabelledData]:
 
 
 def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed: int) -> Scenario:
+    """The run's scenario; with `config.evaluated_on == "validation"`, its training experiences minus
+    the held-out share, which replaces the test stream (cl/validation.py)."""
     generator = SCENARIOS.get(config.scenario.name).obj
-    return generator(datasets, config.scenario.params, seed)
+    scenario = generator(datasets, config.scenario.params, seed)
+    if config.evaluated_on == "validation":
+        scenario = validation_scenario(scenario, config.validation.fraction, seed)
+    return scenario
 
 
 def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.device) -> InputPipeline:
@@ -137,29 +143,40 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def run_identity(config: ExperimentConfig, component: Component, seed: int, device: torch.device) -> dict[str, Any]:
+def run_identity(config: ExperimentConfig, component: Component, seed: int, device: torch.device,
+                 sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """What names a run: experiment, strategy label and parameters, seed, setup (with the device type,
-    since CPU and CUDA generators draw different streams, and the code version) and the strategy's
-    package. Runs with the same identity replace each other in the store; a checkpoint belongs to one."""
-    return {"experiment": config.name, "label": component.label,
-            "strategy": {"name": component.name, **params_to_dict(component.params)}, "seed": seed,
-            "setup": {**config.setup_identity(), "device": device.type, "code_version": code_version()},
-            "strategy_package": package_of(STRATEGIES.get(component.name).obj.__module__)}
+    since CPU and CUDA generators draw different streams, and the code version), the strategy's
+    package and, for a sweep's trial, its study and number (two trials may draw the same values).
+    Runs with the same identity replace each other in the store; a checkpoint belongs to one."""
+    identity = {"experiment": config.name, "label": component.label,
+                "strategy": {"name": component.name, **params_to_dict(component.params)}, "seed": seed,
+                "setup": {**config.setup_identity(), "device": device.type, "code_version": code_version()},
+                "strategy_package": package_of(STRATEGIES.get(component.name).obj.__module__)}
+    if sweep is not None:
+        identity["sweep"] = sweep
+    return identity
 
 
 def run_key(identity: dict[str, Any]) -> str:
-    return _key([identity[k] for k in ("experiment", "label", "strategy", "seed", "setup", "strategy_package")])
+    parts = [identity[k] for k in ("experiment", "label", "strategy", "seed", "setup", "strategy_package")]
+    return _key(parts + [identity["sweep"]] if "sweep" in identity else parts)
 
 
 class Run:
     """One run's life: its strategy, evaluator and checkpoint; the checks and evaluation after each
-    experience; the record at the end. `run_one` drives one run; `run_stacked` several at once."""
+    experience; the record at the end. `run_one` drives one run; `run_stacked` several at once.
+
+    A sweep's trial passes `sweep` (its study and number, stored with the run) and `observe`, called
+    with the run and the row after each evaluation; it may raise `Pruned` to stop the run there."""
 
     def __init__(self, config: ExperimentConfig, component: Component, scenario: Scenario, seed: int,
-                 device: torch.device, pipeline: InputPipeline | None, checkpoints: Path | None, resume: bool):
+                 device: torch.device, pipeline: InputPipeline | None, checkpoints: Path | None, resume: bool,
+                 sweep: dict[str, Any] | None = None, observe: Callable[["Run", int], None] | None = None):
         self.start = time.perf_counter()
         self.config, self.component, self.scenario, self.seed, self.device = config, component, scenario, seed, device
-        self.identity = run_identity(config, component, seed, device)
+        self.sweep, self.observe = sweep, observe
+        self.identity = run_identity(config, component, seed, device, sweep)
         if device.type == "cuda":  # PyTorch's default lets cuDNN convolutions use TF32
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.training.cuda_tf32
         self.strategy = build_strategy(component, config, scenario, device, seed, pipeline)
@@ -176,6 +193,11 @@ class Run:
         self.first_evaluation = self.done == 0
 
     @property
+    def name(self) -> str:
+        """How progress bars and logs name the run: its trial in a sweep, else its seed."""
+        return f"trial {self.sweep['trial']}" if self.sweep is not None else f"seed {self.seed}"
+
+    @property
     def running(self) -> bool:
         return self.status == "completed"
 
@@ -190,7 +212,7 @@ class Run:
             self.stop(exc)
 
     def stop(self, exc: BaseException) -> None:
-        self.status = "diverged" if isinstance(exc, Diverged) else "failed"
+        self.status = "pruned" if isinstance(exc, Pruned) else "diverged" if isinstance(exc, Diverged) else "failed"
         self.failure = {"experience": self.current, "step": self.strategy.step, "reason": failure_reason(exc),
                         "traceback": "".join(traceback.format_exception(exc))}
 
@@ -225,6 +247,8 @@ class Run:
                                          self.config.divergence.learned_margin)
                 if reason is not None:
                     raise Diverged(reason)
+            if self.observe is not None:
+                self.observe(self, i + 1)
         if self.checkpoint is not None and i < T - 1:
             self.checkpoint.save(i + 1, strategy, self.evaluator, strategy.loss_monitor, self.seconds(),
                                  self.eval_seconds)
@@ -261,6 +285,8 @@ class Run:
             provenance=provenance(self.device, type(strategy).__module__),
             model_stats=strategy.model_statistics() if completed else {},
             failure=self.failure,
+            evaluated_on=config.evaluated_on,
+            sweep=self.sweep,
         )
 
 
@@ -273,17 +299,22 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
     With `checkpoints` (a folder), a checkpoint is written after every experience; with `resume`, the
     run continues from the one found there (cl/resume.py)."""
     run = Run(config, component, scenario, seed, device, pipeline, checkpoints, resume)
+    train_alone(run, progress)
+    return run.record()
+
+
+def train_alone(run: Run, progress: bool = True) -> None:
+    """Train one run to its end (or until it stops)."""
     with run.recording():
         run.begin()
-        for i, exp in enumerate(scenario.train[run.done:], start=run.done):
+        for i, exp in enumerate(run.scenario.train[run.done:], start=run.done):
             run.current = i + 1
             threads.rebalance()
-            with run.progress_bar(i, run.strategy.steps_per_experience(exp), progress, f"seed {seed}") as bar:
+            with run.progress_bar(i, run.strategy.steps_per_experience(exp), progress, run.name) as bar:
                 run.strategy.progress = bar
                 run.strategy.fit(exp)
                 run.strategy.progress = None
             run.after_experience(i)
-    return run.record()
 
 
 def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[Scenario], seeds: list[int],
@@ -291,17 +322,26 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
                 checkpoints: list[Path] | None = None, graphs: bool = False,
                 log: Callable[[str], None] = print) -> list[RunRecord]:
     """Train the runs of one strategy for several seeds as one stacked model (cl/stacking.py) and return
-    their records, one per seed, as `run_one` would. A run that stops (diverged, failed) leaves the
-    stack; the others go on. The scenarios' experiences must have the same lengths (`stack_signature`).
-    With `graphs` (CUDA), each experience's device steps are recorded and replayed as CUDA graphs
-    (cl/graphs.py), also for a single run; one line per experience says what was replayed."""
+    their records, one per seed, as `run_one` would. The scenarios' experiences must have the same
+    lengths (`stack_signature`). With `graphs` (CUDA), each experience's device steps are recorded and
+    replayed as CUDA graphs (cl/graphs.py), also for a single run; one line per experience says what
+    was replayed."""
     runs = [Run(config, component, scenario, seed, device, pipeline, folder, False)
             for scenario, seed, pipeline, folder in zip(scenarios, seeds, pipelines or [None] * len(seeds),
                                                         checkpoints or [None] * len(seeds))]
+    train_together(runs, progress, graphs, log)
+    return [run.record(stacked_with=len(runs)) for run in runs]
+
+
+def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
+                   log: Callable[[str], None] = print) -> None:
+    """Train runs of one strategy class as one stacked model, experience by experience. A run that stops
+    (diverged, failed, pruned) leaves the stack; the others go on. Their members may differ in the
+    strategy's float parameters and in the learning-rate-like training parameters (cl/stacking.py)."""
     for run in runs:
         with run.recording():
             run.begin()
-    for i in range(scenarios[0].n_experiences):
+    for i in range(runs[0].scenario.n_experiences):
         live = [run for run in runs if run.running]
         if not live:
             break
@@ -309,7 +349,7 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
             run.current = i + 1
         threads.rebalance()
         experiences = [run.scenario.train[i] for run in live]
-        who = f"seeds {','.join(str(run.seed) for run in live)}"
+        who = ",".join(run.name for run in live)
         try:
             with live[0].progress_bar(i, live[0].strategy.steps_per_experience(experiences[0]), progress, who) as bar:
                 if len(live) == 1 and not graphs:
@@ -318,7 +358,7 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
                     engine = StackedRuns([run.strategy for run in live], graphs)
                     engine.fit(experiences, bar)
                     if engine.graphs is not None:
-                        log(f"{component.label} {who} exp {i + 1}: {engine.graphs.summary()}")
+                        log(f"{live[0].component.label} {who} exp {i + 1}: {engine.graphs.summary()}")
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as exc:  # a step of the stack failed: every run in it stopped there
@@ -328,7 +368,6 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
         for run in live:
             with run.recording():
                 run.after_experience(i)
-    return [run.record(stacked_with=len(runs)) for run in runs]
 
 
 def stack_signature(scenario: Scenario) -> tuple:

@@ -44,6 +44,8 @@ runs = sa.Table(
     *[sa.Column(name, sa.Float) for name in HEADLINE],
     sa.Column("wall_seconds", sa.Float),
     *[sa.Column(name, sa.BigInteger) for name in BUDGET_COLUMNS[1:]],
+    sa.Column("evaluated_on", sa.String(20), nullable=False),
+    sa.Column("study", sa.String(200), index=True),
     sa.Column("record", sa.JSON, nullable=False),
 )
 COLUMNS = [c.name for c in runs.c if c.name not in ("id", "record")]
@@ -144,11 +146,13 @@ class ResultStore:
         except OperationalError as exc:
             raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
 
-    def records(self, status: str | None = None) -> list[RunRecord]:
-        """Full records of the stored runs (optionally of one status), oldest first."""
+    def records(self, status: str | None = None, study: str | None = None) -> list[RunRecord]:
+        """Full records of the stored runs (optionally of one status, or of one sweep's study), oldest first."""
         query = sa.select(runs.c.id, runs.c.record).order_by(runs.c.id)
         if status is not None:
             query = query.where(runs.c.status == status)
+        if study is not None:
+            query = query.where(runs.c.study == study)
         try:
             with self.engine.connect() as conn:
                 return [self._record(row) for row in conn.execute(query)]

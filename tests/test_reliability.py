@@ -313,8 +313,8 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli,
 
 
 def test_a_missing_database_driver_is_named_with_the_package_to_install(cli):
-    result = cli("runs", "--store", "postgresql://user@localhost/cl")
-    assert result.rc == 2 and "driver 'psycopg' is not installed; pip install psycopg" in result.err
+    result = cli("runs", "--store", "postgresql+psycopg2://user@localhost/cl")  # psycopg (3) is installed
+    assert result.rc == 2 and "driver 'psycopg2' is not installed; pip install psycopg2-binary" in result.err
 
 
 def test_leaderboard_out_on_a_file_is_a_one_line_error(cli, store_url, tmp_path):

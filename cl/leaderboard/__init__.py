@@ -7,7 +7,8 @@ of ACC, task-IL ACC, BWT, forgetting and FWT, the budgets (memory, compute, wall
 each column and the strategies tied with the best ACC marked, and a published number where the reference
 has one for the same method on a comparable protocol (cl/leaderboard/published.py); then the figures
 (cl/leaderboard/plots.py). Runs that failed or diverged are listed under their section's table, never
-averaged. Outputs, all derived from the store alone: README.md, results.csv (one row per run), index.html
+averaged. Runs evaluated on a validation split (a sweep's trials, cl/sweep.py) are never shown: the
+leaderboard reports test metrics only. Outputs, all derived from the store alone: README.md, results.csv (one row per run), index.html
 (one static page, tables sortable) and three PNG figures per protocol.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
     except OSError as exc:
         raise UserError(f"leaderboard --out {out}: cannot write there ({exc.strerror or exc}); "
                         f"pass a folder you can write to") from None
-    sections = protocols(store.records())
+    sections = protocols([r for r in store.records() if r.evaluated_on == "test"])
     figures = {p.slug: write_plots(p, out) for p in sections if plots and p.rows}
     (out / "README.md").write_text(markdown(sections, figures))
     write_csv(sections, out / "results.csv")

@@ -3,7 +3,7 @@
 #   bash bootstrap.sh demo          install everything, run experiments/quickstart.toml, write results/leaderboard/
 #   bash bootstrap.sh test [ARGS]   install everything, run the test suite (pytest ARGS)
 # It creates .venv inside the checkout if missing, installs the package with its
-# dev extra, and installs Fashion-MNIST through apt when its files are missing (and, for the tests,
+# dev and avalanche extras, and installs Fashion-MNIST through apt when its files are missing (and, for the tests,
 # PostgreSQL, which the multi-machine sweep test starts on 127.0.0.1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -33,7 +33,7 @@ install_package() {
     digest=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
         echo "bootstrap: installing the package and its dependencies into .venv (first time: a few minutes)"
-        .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+        .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[dev,avalanche]"
         echo "$digest" > "$stamp"
     fi
 }
@@ -44,16 +44,19 @@ fashion_mnist_present() {
     done
 }
 
-install_fashion_mnist() {
-    fashion_mnist_present && return 0
+apt_install() {  # PACKAGE WHY: through apt, as root or with passwordless sudo; quietly does nothing otherwise
     local sudo=""
     if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else return 1; fi
     fi
-    if command -v apt-get >/dev/null 2>&1 && [ "$sudo" != none ]; then
-        echo "bootstrap: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
-        $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
-    fi
+    command -v apt-get >/dev/null 2>&1 || return 1
+    echo "bootstrap: installing $2 (Debian package $1)"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
+
+install_fashion_mnist() {
+    fashion_mnist_present && return 0
+    apt_install dataset-fashion-mnist Fashion-MNIST || true
     fashion_mnist_present && return 0
     echo "bootstrap: Fashion-MNIST not found in $FMNIST_DIR; run 'sudo apt-get install dataset-fashion-mnist'," \
          "or put the four IDX files in a folder and pass --data-dir DIR to cl run" >&2
@@ -66,14 +69,7 @@ postgresql_present() {
 
 install_postgresql() {
     postgresql_present && return 0
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
-    fi
-    if command -v apt-get >/dev/null 2>&1 && [ "$sudo" != none ]; then
-        echo "bootstrap: installing PostgreSQL (Debian package postgresql) for the multi-machine sweep test"
-        $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    fi
+    apt_install postgresql "PostgreSQL, for the multi-machine sweep test" || true
     postgresql_present
 }
 

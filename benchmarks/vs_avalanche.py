@@ -1,0 +1,160 @@
+"""Our engine against Avalanche 0.6, on the identical stream, model, optimizer and seed.
+
+Protocols:
+- quickstart: Split Fashion-MNIST class-IL (5 x 2 classes), MLP 784-256-256-10, SGD lr 0.01, batch 10, 1 epoch;
+- gem: permuted MNIST-5k (20 tasks x 1000 samples), MLP 784-100-100-10, SGD lr 0.1, batch 10, 1 epoch.
+
+For each strategy, ours and Avalanche's (naive/Naive, er/Replay, gem/GEM, agem/AGEM, lwf/LwF, ewc/EWC)
+train from the same initial weights (our model, built from the run's seed, deep-copied) on the same
+experiences (`cl.interop.avalanche.to_avalanche`, exported before the clock starts). Each side evaluates
+the whole test stream after every experience in its own way (ours: `cl.evaluation`; Avalanche: its
+`eval` with experience accuracy), and ACC is the mean of the last row (in class-IL the last row is
+not masked by the classes seen, so the two definitions agree there). Repetition r uses seed r on both
+sides; the two sides alternate which goes first. Stacked: our runs of seeds 0..k-1 trained as one model
+(`run_stacked`), their wall time divided by k (strategies that cannot stack: not measured).
+
+    python benchmarks/vs_avalanche.py [--protocols quickstart gem] [--strategies naive er gem agem lwf ewc]
+                                      [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from cl.config import build_experiment
+from cl.interop.avalanche import quiet, to_avalanche
+from cl.runner import build_scenario, build_strategy, input_pipeline, load_datasets, resolve_device, run_one, \
+    run_stacked
+from cl.stacking import stacking_problem
+from cl.registry import STRATEGIES
+
+PROTOCOLS = {
+    "quickstart": {
+        "dataset": {"name": "fashion_mnist"}, "scenario": {"name": "class_incremental", "n_experiences": 5},
+        "model": {"name": "mlp", "hidden": [256, 256]}, "lr": 0.01,
+        "buffer": 1000, "memory_per_task": 256, "ewc_lambda": 100.0,
+    },
+    "gem": {
+        "dataset": {"name": "mnist5k"},
+        "scenario": {"name": "permuted", "n_experiences": 20, "train_per_experience": 1000},
+        "model": {"name": "mlp", "hidden": [100, 100]}, "lr": 0.1,
+        "buffer": 5120, "memory_per_task": 256, "ewc_lambda": 1.0,  # 100 and 10 at lr 0.1: our run diverges
+    },
+}
+
+
+def pair(name: str, protocol: dict) -> tuple[dict, str, dict]:
+    """(our strategy table, Avalanche class, its keyword arguments) for one strategy."""
+    m = protocol["memory_per_task"]
+    return {
+        "naive": ({"name": "naive"}, "Naive", {}),
+        "er": ({"name": "er", "buffer_size": protocol["buffer"], "replay_batch_size": 10}, "Replay",
+               {"mem_size": protocol["buffer"]}),
+        "gem": ({"name": "gem", "memory_per_task": m, "memory_strength": 0.5}, "GEM",
+                {"patterns_per_exp": m, "memory_strength": 0.5}),
+        "agem": ({"name": "agem", "memory_per_task": m, "sample_size": 256}, "AGEM",
+                 {"patterns_per_exp": m, "sample_size": 256}),
+        "lwf": ({"name": "lwf", "alpha": 1.0, "temperature": 2.0}, "LwF", {"alpha": 1.0, "temperature": 2.0}),
+        "ewc": ({"name": "ewc", "ewc_lambda": protocol["ewc_lambda"]}, "EWC",
+                {"ewc_lambda": protocol["ewc_lambda"], "mode": "online", "decay_factor": 1.0}),
+    }[name]
+
+
+def experiment(protocol: dict, strategy: dict, data_dir: str | None):
+    dataset = {**protocol["dataset"], **({"data_dir": data_dir} if data_dir and protocol["dataset"]["name"]
+                                         == "fashion_mnist" else {})}
+    return build_experiment({
+        "name": "vs-avalanche", "dataset": dataset, "scenario": protocol["scenario"], "model": protocol["model"],
+        "training": {"epochs": 1, "batch_size": 10, "lr": protocol["lr"], "eval_batch_size": 2000},
+        "strategies": [strategy]})
+
+
+def avalanche_run(cls_name: str, kwargs: dict, model: torch.nn.Module, benchmark, lr: float,
+                  device: torch.device, seed: int) -> float:
+    """Avalanche's strategy trained and evaluated its own way; returns ACC (mean of the last row)."""
+    from avalanche import training
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    torch.manual_seed(seed)
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = getattr(training, cls_name)(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=torch.nn.CrossEntropyLoss(),
+            train_mb_size=10, train_epochs=1, eval_mb_size=2000, device=device,
+            evaluator=EvaluationPlugin(accuracy_metrics(experience=True)), **kwargs)
+        for experience in benchmark.train_stream:
+            strategy.train(experience)
+            results = strategy.eval(benchmark.test_stream)
+    last = [v for k, v in sorted(results.items()) if k.startswith("Top1_Acc_Exp")]
+    return float(np.mean(last))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--strategies", nargs="+", default=["naive", "er", "gem", "agem", "lwf", "ewc"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stack", type=int, default=3, help="seeds per stacked group (0: no stacked rows)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    header = ("protocol", "strategy", "ACC ours", "ACC avalanche", "s ours", "s avalanche", "ratio",
+              "s/run stacked", "ratio stacked")
+    print(" | ".join(header))
+    for pname in args.protocols:
+        protocol = PROTOCOLS[pname]
+        for name in args.strategies:
+            ours_table, av_class, av_kwargs = pair(name, protocol)
+            cfg = experiment(protocol, ours_table, args.data_dir)
+            datasets = load_datasets(cfg.datasets)
+            component = cfg.strategies[0]
+            times = {"ours": [], "avalanche": []}
+            accs = {"ours": [], "avalanche": []}
+            for rep in range(args.repeats):
+                scenario = build_scenario(cfg, datasets, rep).to(device)
+                pipeline = input_pipeline(cfg, scenario, device)
+                benchmark = to_avalanche(scenario, pipeline)
+                model = copy.deepcopy(build_strategy(component, cfg, scenario, device, rep, pipeline).model)
+                sides = ["ours", "avalanche"] if rep % 2 == 0 else ["avalanche", "ours"]
+                for side in sides:
+                    t0 = time.perf_counter()
+                    if side == "ours":
+                        record = run_one(cfg, component, scenario, rep, device, progress=False, pipeline=pipeline)
+                        if record.status != "completed":
+                            print(f"{pname} {name} seed {rep}: ours {record.stopped()}", flush=True)
+                        acc = record.metrics.acc if record.metrics.acc is not None else float("nan")
+                    else:
+                        acc = avalanche_run(av_class, av_kwargs, copy.deepcopy(model), benchmark, protocol["lr"],
+                                            device, rep)
+                    times[side].append(time.perf_counter() - t0)
+                    accs[side].append(acc)
+            stacked = ratio_stacked = "-"
+            strategy_class = STRATEGIES.get(component.name).obj
+            if args.stack > 1 and stacking_problem(strategy_class) is None:
+                seeds = list(range(args.stack))
+                scenarios = [build_scenario(cfg, datasets, s).to(device) for s in seeds]
+                t0 = time.perf_counter()
+                run_stacked(cfg, component, scenarios, seeds, device, progress=False)
+                per_run = (time.perf_counter() - t0) / len(seeds)
+                stacked = f"{per_run:.1f}"
+                ratio_stacked = f"{statistics.median(times['avalanche']) / per_run:.2f}x"
+            ours, theirs = statistics.median(times["ours"]), statistics.median(times["avalanche"])
+            print(" | ".join([pname, name, _mean_sd(accs["ours"]), _mean_sd(accs["avalanche"]), f"{ours:.1f}",
+                              f"{theirs:.1f}", f"{theirs / ours:.2f}x", stacked, ratio_stacked]), flush=True)
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+if __name__ == "__main__":
+    main()

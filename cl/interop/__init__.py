@@ -1,0 +1,1 @@
+"""Bridges to other continual-learning frameworks (optional extras)."""

@@ -63,7 +63,6 @@ METRICS: dict[str, tuple[str, Callable[[Any], float | None]]] = {
     "forgetting": ("minimize", lambda r: r.metrics.forgetting),
 }
 SPACE_KEYS = {"low", "high", "log", "step", "choices"}
-PRUNERS = ("median", "halving", "none")
 
 
 @contextlib.contextmanager
@@ -145,6 +144,11 @@ def _dimension(name: str, section: str, key: str, spec: dict[str, Any], where: s
     if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0 or log):
         raise UserError(f"{where}: {key}: step must be a positive number, and not combined with log = true")
     return Dimension(name, section, key, low, high, log, step)
+
+
+def first_values(dimensions: list[Dimension]) -> dict[str, Any]:
+    """Every dimension at its first end (low, or the first choice): a valid experiment to check against."""
+    return {d.name: d.extremes()[0] for d in dimensions}
 
 
 def is_space(value: Any) -> bool:
@@ -255,9 +259,9 @@ def prepare_sweep(path: str | Path, overrides: list[str], label: str | None, met
     names = [d.name for d in dimensions]
     for d in dimensions:  # each end of each dimension, the others at their first end
         for value in d.extremes():
-            values = {o.name: o.extremes()[0] for o in dimensions} | {d.name: value}
+            values = first_values(dimensions) | {d.name: value}
             build_experiment(with_values(raw, label, values), where)
-    config = build_experiment(with_values(raw, label, {d.name: d.extremes()[0] for d in dimensions}), where)
+    config = build_experiment(with_values(raw, label, first_values(dimensions)), where)
     if len(set(names)) != len(names):
         raise UserError(f"{where}: dimension names repeat ({names})")
     return Sweep(raw, where, label, dimensions, metric, config.seeds[0] if seed is None else seed,
@@ -363,7 +367,7 @@ def work(sweep: Sweep, study: optuna.Study, n_trials: int, store: ResultStore, d
          stack: int = 4, timeout: float | None = None, progress: bool = True,
          log: Callable[[str], None] = print) -> int:
     """One worker's loop (module docstring); returns how many trials this worker finished."""
-    base = sweep.config(_first_values(sweep))
+    base = sweep.config(first_values(sweep.dimensions))
     datasets = load_datasets(base.datasets)
     scenario = build_scenario(base, datasets, sweep.seed).to(device)
     pipeline = input_pipeline(base, scenario, device)
@@ -403,8 +407,6 @@ def work(sweep: Sweep, study: optuna.Study, n_trials: int, store: ResultStore, d
     return finished
 
 
-def _first_values(sweep: Sweep) -> dict[str, Any]:
-    return {d.name: d.extremes()[0] for d in sweep.dimensions}
 
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:

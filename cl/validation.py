@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from cl.data import Experience, Scenario
+from cl.data import Scenario
 from cl.errors import UserError
 from cl.params import param
 from cl.seeding import spawn_seeds

@@ -19,6 +19,7 @@ looked at once per window and at the end of each experience.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -47,8 +48,9 @@ class LossMonitor:
 
     def __init__(self, params: DivergenceParams):
         self.params = params
-        self.total: torch.Tensor | None = None  # sum of the window's finite losses
-        self.nonfinite: torch.Tensor | None = None  # any non-finite loss in the window
+        # Sum of the window's losses, in float64: NaN or inf as soon as any loss was (one kernel a step,
+        # where a separate finiteness flag took eight; a float64 sum of finite losses does not overflow).
+        self.total: torch.Tensor | None = None
         self.steps = 0
         self.first: torch.Tensor | None = None  # the run's first loss, read at the first check
         self.initial: float | None = None
@@ -58,12 +60,10 @@ class LossMonitor:
         """Record one step's (detached, scalar) loss; checks when a window is full."""
         if self.first is None and self.initial is None:
             self.first = loss
-        finite = torch.isfinite(loss)
-        value = torch.where(finite, loss, torch.zeros_like(loss)).double()
         if self.total is None:
-            self.total, self.nonfinite = value, ~finite
+            self.total = loss.to(torch.float64, copy=True)  # its own storage: added to in place
         else:
-            self.total, self.nonfinite = self.total + value, self.nonfinite | ~finite
+            self.total.add_(loss)
         self.steps += 1
         if self.steps >= self.params.check_every:
             self.check()
@@ -72,13 +72,14 @@ class LossMonitor:
         """Look at the window so far (one synchronisation) and raise `Diverged` if a rule fires."""
         if self.steps == 0:
             return
-        nonfinite, mean, steps = bool(self.nonfinite), float(self.total) / self.steps, self.steps
-        self.total, self.nonfinite, self.steps = None, None, 0
-        if nonfinite:
+        total, steps = float(self.total), self.steps
+        self.total, self.steps = None, 0
+        if not math.isfinite(total):
             raise Diverged("the training loss became NaN/inf; lower training.lr or clip gradients "
                            "(training.grad_clip_norm)")
         if self.initial is None:
             self.initial, self.first = float(self.first), None
+        mean = total / steps
         limit = self.params.factor * max(abs(self.initial), 1.0)
         self.exploding = self.exploding + 1 if mean > limit else 0
         if self.exploding >= self.params.patience:

@@ -20,13 +20,20 @@ each replay (what the capture's own Python pass counted is taken back out).
 Strategies that rewrite gradients on the host (`adjust_gradients`: GEM's
 quadratic program, A-GEM's projection, SI's bookkeeping) are not graphed.
 
-The capture itself needs a GPU: `capture` is injectable, and the tests drive the
-bookkeeping above on the CPU with a capture that records the step and replays it
-eagerly. As of this writing no GPU has been lent to the project, so the CUDA
-capture path has not run.
+Graphs live for one experience: `release()` drops them when it ends (their
+memory pools go back at once), and Python's garbage collector is paused while a
+step is captured. Both for one reason, seen on an H100: a graph left in a
+reference cycle was destroyed by a collection that happened to run inside the
+next experience's capture, and destroying a graph is not allowed while a stream
+captures, so that capture failed and the run stopped.
+
+The capture itself needs a GPU: `capture` is injectable, and the CPU tests drive
+the bookkeeping above with a capture that replays the step eagerly; the `cuda`
+tests in tests/test_stacking.py compare graphed and eager runs on a GPU.
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
@@ -53,8 +60,14 @@ def cuda_capture(step: Callable[[Inputs], Outputs], inputs: Inputs) -> Captured:
     in the graph's memory pool). Capturing does not run the step: the caller replays it once."""
     static = {name: value.clone() for name, value in inputs.items()}
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step(static)
+    collecting = gc.isenabled()
+    gc.disable()  # a collection inside the capture could destroy another graph (see the module doc)
+    try:
+        with torch.cuda.graph(graph):
+            outputs = step(static)
+    finally:
+        if collecting:
+            gc.enable()
     return Captured(static, outputs, graph.replay)
 
 
@@ -69,6 +82,7 @@ class StepGraphs:
         self.graphs: dict[Signature, tuple[Captured, tuple[int, int]]] = {}
         self.seen: dict[Signature, int] = {}
         self.step_counts: dict[Signature, tuple[int, int]] = {}  # samples of the signature's last eager step
+        self.captured = 0  # signatures captured (graphs stay countable after release)
         self.replayed = 0
         self.eager = 0
 
@@ -89,6 +103,7 @@ class StepGraphs:
             after = self.counts()
             self.add_counts(before[0] - after[0], before[1] - after[1])  # capture runs no step
             entry = self.graphs[key] = (captured, self.step_counts[key])
+            self.captured += 1
         captured, (forward, backward) = entry
         for name, value in inputs.items():
             captured.static[name].copy_(value)
@@ -100,7 +115,12 @@ class StepGraphs:
         # The graph overwrites its outputs at the next replay; hooks and logs keep what they are given.
         return {name: value.detach().clone() for name, value in captured.outputs.items()}
 
+    def release(self) -> None:
+        """Drop the graphs and their static tensors now (at the end of the experience), not whenever
+        the garbage collector gets to them."""
+        self.graphs.clear()
+
     def summary(self) -> str:
         """One line for the log: what was replayed and what ran eagerly."""
-        return (f"cuda graphs: {len(self.graphs)} step shape(s) captured, {self.replayed} steps replayed, "
+        return (f"cuda graphs: {self.captured} step shape(s) captured, {self.replayed} steps replayed, "
                 f"{self.eager} eager (warm-up, and shapes too rare to capture: the last, shorter batch)")

@@ -171,6 +171,8 @@ class StackedRuns:
         finally:
             if not self.own_optimizers:
                 self._hand_back_optimizer()
+            if self.graphs is not None:
+                self.graphs.release()
         for member, exp in zip(self.members, experiences):
             member.end_fit(exp)
 

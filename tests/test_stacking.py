@@ -9,7 +9,8 @@ import cl.graphs
 import cl.stacking
 from cl.graphs import Captured
 from cl.registry import STRATEGIES
-from cl.runner import build_scenario, build_strategy, load_datasets, run_experiment, stack_groups, stack_signature
+from cl.runner import (build_scenario, build_strategy, load_datasets, run_experiment, run_one, run_stacked, stack_groups,
+                       stack_signature)
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import Strategy
@@ -17,6 +18,7 @@ from tests.helpers import CPU, digits_experiment
 
 STACKABLE = ["naive", "er", "agem", "der", "der_pp", "lwf", "ewc", "si"]
 SEEDS = [0, 1, 2]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def members(cfg, seeds=SEEDS):
@@ -206,21 +208,74 @@ def test_objective_may_not_draw_random_numbers():
 
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_cuda
 def test_cuda_accuracy_agrees_with_cpu_on_a_cnn_over_seeds(tmp_path):
     """The open question of the fast-engine issue: CUDA runs of a CNN must land within the CPU runs'
-    seed spread. Three seeds of er and naive (their task-IL accuracy) on each device."""
+    seed spread. Three seeds per device of er (class-IL ACC) and naive (task-IL ACC), a 2-block CNN on
+    split digits. (At lr 0.03 this CNN stays at chance on the first experience for some seeds, on the
+    CPU too, and the divergence check stops those runs; at 0.1 every run learns.)"""
     cfg = digits_experiment([{"name": "er", "buffer_size": 200}, {"name": "naive"}], model="cnn",
-                            seeds=SEEDS, n_experiences=5, lr=0.03, epochs=2)
+                            seeds=SEEDS, n_experiences=5, lr=0.1, epochs=2)
     acc = {}
     for device in ("cpu", "cuda"):
         records = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / device}.db"), torch.device(device),
                                  progress=False, log=lambda _: None)
         for r in records:
-            acc.setdefault((r.strategy, device), []).append(r.task_il_acc)
+            assert r.status == "completed", (device, r.strategy, r.seed, r.failure and r.failure["reason"])
+            acc.setdefault((r.strategy, device), []).append(r.metrics.acc if r.strategy == "er" else r.task_il_acc)
     for strategy in ("er", "naive"):
         cpu, cuda = np.array(acc[(strategy, "cpu")]), np.array(acc[(strategy, "cuda")])
         assert abs(cpu.mean() - cuda.mean()) <= 2 * max(cpu.std(), cuda.std()) + 0.03, (strategy, cpu, cuda)
+
+
+@pytest.fixture
+def deterministic_cuda(monkeypatch):
+    """Deterministic CUDA kernels for the test (cuBLAS reads its workspace setting when it starts)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def cuda_scenarios(cfg):
+    datasets = load_datasets(cfg.datasets)
+    return [build_scenario(cfg, datasets, seed).to(torch.device("cuda")) for seed in SEEDS]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["naive", "er", "der_pp", "lwf", "ewc"])
+@pytest.mark.usefixtures("deterministic_cuda")
+def test_cuda_graphs_give_the_matrices_of_eager_steps(name):
+    """On a GPU, `--cuda-graphs` replays the step it captured: graphed and eager stacks of the same
+    seeds (and a single graphed run) give the same accuracy matrices, with deterministic algorithms.
+    (EWC at its default lambda 100 explodes at this lr on the CPU as on the GPU; lambda 1 trains.)"""
+    extra = {"ewc_lambda": 1.0} if name == "ewc" else {}
+    cfg = digits_experiment([{"name": name, **extra}], hidden=[32], lr=0.05, seeds=SEEDS)
+    scenarios, cuda = cuda_scenarios(cfg), torch.device("cuda")
+    lines: list[str] = []
+    eager = run_stacked(cfg, cfg.strategies[0], scenarios, SEEDS, cuda, progress=False)
+    graphed = run_stacked(cfg, cfg.strategies[0], scenarios, SEEDS, cuda, progress=False, graphs=True,
+                          log=lines.append)
+    single = run_stacked(cfg, cfg.strategies[0], scenarios[:1], SEEDS[:1], cuda, progress=False, graphs=True,
+                         log=lines.append)
+    assert len(lines) == 2 * 5 and all("replayed" in line for line in lines), lines
+    for a, b in zip(eager, graphed + single):
+        assert a.status == b.status == "completed", (a.failure, b.failure)
+        np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-6, err_msg=f"{name} seed {a.seed}")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["er", "der_pp", "lwf"])
+def test_cuda_stacked_runs_match_runs_alone(name):
+    """The stacked engine on a GPU: each member's matrix within 0.01 of its run alone on the same GPU."""
+    cfg = digits_experiment([{"name": name}], hidden=[32], lr=0.05, seeds=SEEDS)
+    scenarios, cuda = cuda_scenarios(cfg), torch.device("cuda")
+    stacked = run_stacked(cfg, cfg.strategies[0], scenarios, SEEDS, cuda, progress=False)
+    for scenario, seed, member in zip(scenarios, SEEDS, stacked):
+        alone = run_one(cfg, cfg.strategies[0], scenario, seed, cuda, progress=False)
+        np.testing.assert_allclose(member.matrix, alone.matrix, atol=0.01, err_msg=f"{name} seed {seed}")
 
 
 def eager_capture(step, inputs):
@@ -253,7 +308,7 @@ def test_graph_bookkeeping_replays_steps_like_the_eager_ones(name, monkeypatch):
         engine.fit(exps)
         steps = plain[0].steps_per_experience(exps[0])
         graphs = engine.graphs
-        assert graphs.replayed + graphs.eager == steps and len(graphs.graphs) == 1
+        assert graphs.replayed + graphs.eager == steps and graphs.captured == 1 and not graphs.graphs
         assert graphs.eager == 3 + (len(exps[0]) % 10 != 0) + (name != "lwf" and i == 0)
         assert "replayed" in graphs.summary()
     for a, b in zip(plain, graphed):

@@ -4,6 +4,10 @@ GEM needs the loss gradient of every stored task at every step. Instead of one
 backward pass per task, `grouped_gradients` maps `torch.func.grad` over the
 groups with `torch.func.vmap`: the forward and backward of all groups run as
 batched matrix products, one Python pass for the lot.
+
+EWC's Fisher needs the sum over samples of every parameter's squared per-sample
+gradient. For linear layers `linear_squared_gradient_sums` gets it without
+per-sample gradients (see there).
 """
 from __future__ import annotations
 
@@ -65,3 +69,45 @@ def batch_statistics_only(module: nn.Module) -> Iterator[None]:
         for m, mean, var, count in saved:
             m.track_running_stats = True
             m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+
+
+def linear_squared_gradient_sums(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor]
+                                 ) -> dict[str, torch.Tensor] | None:
+    """For each parameter of `model`, the sum over the batch's samples of its squared per-sample
+    gradient of `per_sample_loss()` (a vector, one loss per sample), without per-sample gradients.
+
+    A sample's gradient of a linear layer's weight is the outer product of the loss gradient at the
+    layer's output and the layer's input, d_n x_n^T, so the sum of its squares over the samples is
+    (d^2)^T (x^2): one matrix product per layer, exact. (The bias: the sum of d^2.) That holds when
+    every parameter belongs to an `nn.Linear` called once per forward on (samples, features): returns
+    None otherwise (a parameter elsewhere, a layer called twice or on other shapes, shared weights),
+    and the caller computes per-sample gradients instead.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    owned = {f"{name}.{kind}": getattr(m, kind) for name, m in layers.items() for kind in ("weight", "bias")
+             if getattr(m, kind) is not None}
+    params = dict(model.named_parameters())
+    if set(params) != set(owned) or len({id(p) for p in owned.values()}) != len(owned):
+        return None
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    handles = [m.register_forward_hook(lambda _, args, out, name=name: calls[name].append((args[0], out)))
+               for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            losses = per_sample_loss()
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = losses.shape[0]
+    if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != n for c in calls.values()):
+        return None
+    names = list(layers)
+    deltas = torch.autograd.grad(losses.sum(), [calls[name][0][1] for name in names], allow_unused=True)
+    sums = {}
+    for name, delta in zip(names, deltas):
+        layer, x = layers[name], calls[name][0][0].detach()
+        d2 = torch.zeros(n, layer.out_features, device=x.device, dtype=x.dtype) if delta is None else delta ** 2
+        sums[f"{name}.weight"] = d2.T @ (x ** 2)
+        if layer.bias is not None:
+            sums[f"{name}.bias"] = d2.sum(0)
+    return sums

@@ -136,6 +136,15 @@ class ComputeCount:
         finally:
             self.evaluating = False
 
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Passes made inside the block are not counted (the caller counts them with `add`)."""
+        depth, self._depth = self._depth, 1
+        try:
+            yield
+        finally:
+            self._depth = depth
+
     def attach(self, module: nn.Module) -> None:
         """Count every forward pass that enters `module` or one of its direct submodules.
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from cl.data import Experience
-from cl.gradients import grouped_gradients
+from cl.gradients import grouped_gradients, linear_squared_gradient_sums
 from cl.losses import cross_entropy
 from cl.params import param
 from cl.registry import register_strategy
@@ -99,22 +98,34 @@ class EWC(AnchoredStrategy):
 
     def fisher(self, exp: Experience) -> Tensors:
         """Diagonal empirical Fisher: the mean over the experience's samples of the squared gradient of
-        log p(y | x), from per-sample gradients (vmapped), with the model in eval mode."""
+        log p(y | x), with the model in eval mode. Exact either way: for models made of linear layers
+        from each layer's inputs and output gradients (`linear_squared_gradient_sums`), else from
+        per-sample gradients (vmapped)."""
         params = {name: p.detach() for name, p in self.model.named_parameters()}
 
         def log_likelihood(params: Tensors, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             logits = self.mask_to_task(functional_call(self.model, params, (x, t)), t)
             return -cross_entropy(logits, y)
 
+        def per_sample_gradients(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> Tensors:
+            rows = grouped_gradients(log_likelihood, params, x.unsqueeze(1), y.unsqueeze(1), t.unsqueeze(1))
+            sums, offset = {}, 0
+            for name, p in params.items():
+                sums[name] = (rows[:, offset: offset + p.numel()] ** 2).sum(0).view_as(p)
+                offset += p.numel()
+            return sums
+
         total = {name: torch.zeros_like(p) for name, p in params.items()}
-        with self.evaluation():
+        linear = True  # until the model turns out not to be made of linear layers alone
+        with self.evaluation(), self.compute.uncounted():
             for index in torch.arange(len(exp), device=self.device).split(self.params.fisher_batch_size):
                 x, y, t = self.prepare(exp.inputs(index), train=False), exp.y[index], exp.task_ids(index)
-                rows = grouped_gradients(log_likelihood, params, x.unsqueeze(1), y.unsqueeze(1), t.unsqueeze(1))
-                offset = 0
-                for name, p in params.items():
-                    total[name] += (rows[:, offset: offset + p.numel()] ** 2).sum(0).view_as(p)
-                    offset += p.numel()
+                sums = linear_squared_gradient_sums(self.model, lambda: cross_entropy(
+                    self.forward(x, t), y, reduction="none")) if linear else None
+                if sums is None:
+                    linear, sums = False, per_sample_gradients(x, y, t)
+                for name in total:
+                    total[name] += sums[name]
         self.compute.add(len(exp), backward=True)
         return {name: value / len(exp) for name, value in total.items()}
 

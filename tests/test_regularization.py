@@ -20,21 +20,41 @@ def test_ewc_penalty_on_two_parameters_by_hand():
     assert strategy.strength() * quadratic_penalty(params, fisher, anchor).item() == 10.0
 
 
-def test_ewc_fisher_is_the_mean_squared_per_sample_log_likelihood_gradient():
-    cfg = digits_experiment([{"name": "ewc", "fisher_batch_size": 7}], n_experiences=5)
+@pytest.mark.parametrize("model, options, linear", [
+    ("mlp", {}, True),  # (d^2)^T (x^2) per linear layer
+    ("mlp", {"task_labels": True}, True),  # ... through the task-IL logit mask
+    ("mlp", {"task_labels": True, "multi_head": True}, False),  # heads see subsets: per-sample gradients
+    ("cnn", {}, False),  # convolutions: per-sample gradients
+])
+def test_ewc_fisher_is_the_mean_squared_per_sample_log_likelihood_gradient(model, options, linear, monkeypatch):
+    """Both ways of computing the Fisher against one backward pass per sample."""
+    import cl.strategies.regularization as regularization
+    paths, fast = [], regularization.linear_squared_gradient_sums
+
+    def spy(*args):
+        sums = fast(*args)
+        paths.append(sums is not None)
+        return sums
+    monkeypatch.setattr(regularization, "linear_squared_gradient_sums", spy)
+    cfg = digits_experiment([{"name": "ewc", "fisher_batch_size": 7}], n_experiences=5, model=model, **options)
     strategy, scenario = strategy_for(cfg)
-    exp = scenario.train[0]
+    exp = scenario.train[1]
+    before = strategy.compute.state_dict()
     fisher = strategy.fisher(exp)
+    assert paths[0] is linear
+    assert strategy.compute.forward_samples == before["forward_samples"] + len(exp)
+    assert strategy.compute.eval_forward_samples == before["eval_forward_samples"]
     expected = {name: torch.zeros_like(p) for name, p in strategy.model.named_parameters()}
     strategy.model.eval()
     for i in range(len(exp)):
         strategy.model.zero_grad()
         x = strategy.prepare(exp.inputs(torch.tensor([i])), train=False)
-        F.cross_entropy(strategy.model(x), exp.y[i:i + 1]).backward()
+        F.cross_entropy(strategy.forward(x, exp.task_ids(torch.tensor([i]))), exp.y[i:i + 1]).backward()
         for name, p in strategy.model.named_parameters():
-            expected[name] += p.grad ** 2 / len(exp)
+            if p.grad is not None:
+                expected[name] += p.grad ** 2 / len(exp)
     for name in fisher:
-        assert torch.allclose(fisher[name], expected[name], atol=1e-7, rtol=1e-4)
+        assert torch.allclose(fisher[name], expected[name], atol=1e-7, rtol=1e-4), name
 
 
 def test_online_ewc_decays_the_old_fisher_and_moves_the_anchor():

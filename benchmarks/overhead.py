@@ -22,7 +22,7 @@ On the CPU the two sides' matrices must be identical; on CUDA they may differ by
 one test sample in a thousand (kernels may reassociate sums differently from
 one call to the next), and the largest difference is printed.
 
-    python benchmarks/overhead.py [--repeats 5] [--device cpu] [--data-dir DIR] [--strategies naive er] [--stack 3 9]
+    python benchmarks/overhead.py [--repeats 5] [--device cpu] [--data-dir DIR] [--strategies naive er] [--hidden 100 100] [--stack 3 9]
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from cl.runner import build_scenario, load_datasets, resolve_device, run_one, ru
 from cl.seeding import RUN_STREAMS, spawn_seeds
 
 
-def experiment(data_dir: str | None, strategy: dict):
+def experiment(data_dir: str | None, strategy: dict, hidden: list[int] | None = None):
     return build_experiment({
         "name": "overhead", "dataset": {"name": "fashion_mnist", **({"data_dir": data_dir} if data_dir else {})},
         "scenario": {"name": "class_incremental", "n_experiences": 5},
-        "model": {"name": "mlp", "hidden": [100, 100]},
+        "model": {"name": "mlp", "hidden": hidden or [100, 100]},
         "training": {"epochs": 1, "batch_size": 10, "lr": 0.01, "eval_batch_size": 2000},
         "strategies": [strategy],
     })
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
     parser.add_argument("--strategies", nargs="+", default=["naive", "er"], choices=["naive", "er"])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="MLP hidden sizes (default 100 100)")
     parser.add_argument("--stack", type=int, nargs="*", default=[3, 9], metavar="K",
                         help="stacked group sizes to time (default 3 9; none to skip)")
     args = parser.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
                            ("er", {"name": "er", "buffer_size": 500, "replay_batch_size": 10})]:
         if name not in args.strategies:
             continue
-        cfg = experiment(args.data_dir, strategy)
+        cfg = experiment(args.data_dir, strategy, args.hidden)
         scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0).to(device)
         ours, bare, by_seed = [], [], {}
         graphed_modes = [False, True] if device.type == "cuda" else [False]

@@ -16,7 +16,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.overhead import bare_loop, warm_up
+from overhead import bare_loop, warm_up  # beside this script
 from cl.config import build_experiment
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 

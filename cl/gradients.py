@@ -79,7 +79,8 @@ def linear_squared_gradient_sums(model: nn.Module, per_sample_loss: Callable[[],
     A sample's gradient of a linear layer's weight is the outer product of the loss gradient at the
     layer's output and the layer's input, d_n x_n^T, so the sum of its squares over the samples is
     (d^2)^T (x^2): one matrix product per layer, exact. (The bias: the sum of d^2.) That holds when
-    every parameter belongs to an `nn.Linear` called once per forward on (samples, features): returns
+    samples do not interact in the forward pass (true in eval mode) and every parameter belongs to
+    an `nn.Linear` called once per forward on (samples, features): returns
     None otherwise (a parameter elsewhere, a layer called twice or on other shapes, shared weights),
     and the caller computes per-sample gradients instead.
     """

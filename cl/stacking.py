@@ -154,16 +154,18 @@ class StackedRuns:
 
     # ----- one experience ------------------------------------------------------------------
     def fit(self, experiences: list[Experience], progress: Any = None) -> None:
-        """What `Strategy.fit` does, for every member on its own experience (same length for all)."""
-        lengths = {len(e) for e in experiences}
-        if len(lengths) != 1:
-            raise ValueError(f"stacked runs need experiences of one length, got {sorted(lengths)}")
+        """What `Strategy.fit` does, for every member on its own experience: each trains on its
+        `training_data` (the same length for all, or None for all)."""
         for member, exp in zip(self.members, experiences):
             member.begin_fit(exp)
+        data = [member.training_data(exp) for member, exp in zip(self.members, experiences)]
+        lengths = {None if d is None else len(d) for d in data}
+        if len(lengths) != 1:
+            raise ValueError(f"stacked runs need training data of one length, got {sorted(lengths, key=str)}")
         self._stack()
         try:
-            for _ in range(self.training.epochs):
-                streams = [member.batches(exp) for member, exp in zip(self.members, experiences)]
+            for _ in range(self.training.epochs if data[0] is not None else 0):
+                streams = [member.batches(d) for member, d in zip(self.members, data)]
                 for batches in zip(*streams):
                     self.train_step(list(batches))
                     if progress is not None:

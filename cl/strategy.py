@@ -14,7 +14,8 @@ Lifecycle of a run:
         begin_experience(exp)
         optimizer built (first experience, or every one with optimizer_policy = "reset";
                          with "keep", parameters added since join it)
-        train_experience(exp)       default: `epochs` passes of shuffled batches, each a train_step:
+        train_experience(exp)       default: `epochs` passes of shuffled batches of
+                                    training_data(exp), each a train_step:
             zero_grad -> out = loss(batch) [= objective(draw(batch))] -> out.loss.backward()
             -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
             -> after_step(batch, out) -> out.terms logged
@@ -30,7 +31,10 @@ Hooks to override (all optional):
                                checkpointed (default {"model": self.model})
     optimizer_parameters()     the named parameters the optimizer updates (default: all trainable ones)
     begin_experience(exp)      before training on an experience
-    train_experience(exp)      what to train on (default: the experience itself)
+    training_data(exp)         what the experience trains on: the experience (default), other
+                               samples (joint's union, iCaRL's experience + exemplars), or None
+    train_experience(exp)      how it trains, for a strategy with its own loop (default: train_on
+                               the training_data)
     draw(batch)                what a step needs beyond the model: a dict of tensors (the batch,
                                buffer samples); every random draw of the step happens here
     objective(inputs)          the loss of those inputs: a scalar tensor, or a StepOutput with the
@@ -127,8 +131,9 @@ class Strategy:
     #: the runner then evaluates only before training and after the last experience.
     joint_training: bool = False
     #: True when the step is written as draw() + objective() and trains only `self.model` with the
-    #: default train_experience: the runs of the strategy that share every shape (its seeds) then
-    #: train as one stacked model (cl/stacking.py). Set it only where that holds.
+    #: default train_experience (training_data may choose the data): the runs of the strategy that
+    #: share every shape (its seeds) then train as one stacked model (cl/stacking.py). Set it only
+    #: where that holds.
     stackable: bool = False
     #: Attributes the objective reads that differ between runs, besides the model and the task-IL
     #: mask: modules (a teacher), tensors, or dicts / lists of tensors (importances, anchors). When
@@ -269,7 +274,13 @@ class Strategy:
         self._clipped = [p for g in optimizer.param_groups for p in g["params"]]  # for grad_clip_norm
 
     def train_experience(self, exp: Experience) -> None:
-        self.train_on(exp)
+        data = self.training_data(exp)
+        if data is not None:
+            self.train_on(data)
+
+    def training_data(self, exp: Experience) -> Experience | Samples | None:
+        """What this experience trains on (None: nothing); the stacked engine asks each run the same."""
+        return exp
 
     def train_on(self, data: Experience | Samples) -> None:
         """`epochs` passes of shuffled mini-batches over `data` (an experience or materialised samples)."""

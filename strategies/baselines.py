@@ -48,6 +48,7 @@ class Joint(Strategy):
     """Upper bound: one model trained on the union of all experiences, shuffled together."""
 
     joint_training = True
+    stackable = True  # its step is the default one; only `training_data` differs
     kept = ("seen",)
 
     def setup(self) -> None:
@@ -56,9 +57,8 @@ class Joint(Strategy):
     def begin_experience(self, exp: Experience) -> None:
         self.seen.append(exp)
 
-    def train_experience(self, exp: Experience) -> None:
-        if len(self.seen) == self.stream.n_experiences:
-            self.train_on(self.seen.union())
+    def training_data(self, exp: Experience) -> Samples | None:
+        return self.seen.union() if len(self.seen) == self.stream.n_experiences else None
 
     def steps_per_experience(self, exp: Experience) -> int:
         if len(self.seen) + 1 < self.stream.n_experiences:
@@ -72,8 +72,8 @@ class Cumulative(Joint):
 
     joint_training = False
 
-    def train_experience(self, exp: Experience) -> None:
-        self.train_on(self.seen.union())
+    def training_data(self, exp: Experience) -> Samples:
+        return self.seen.union()
 
     def steps_per_experience(self, exp: Experience) -> int:
         return self.steps_for(self.seen.n_samples() + len(exp))

@@ -145,14 +145,16 @@ class ICaRL(Strategy):
         with self.evaluation():
             return torch.cat([self.model.features(self.prepare(part, train=False)) for part in stored.split(512)])
 
-    def train_experience(self, exp: Experience) -> None:
+    def begin_experience(self, exp: Experience) -> None:
         self.current_classes = torch.zeros_like(self.seen_classes)
         self.current_classes[exp.classes] = True
+
+    def training_data(self, exp: Experience) -> Samples:
         data = Samples.of(exp)
         if len(self.buffer):
             memory = self.buffer.get(torch.arange(len(self.buffer), device=self.device))
             data = Samples.cat([data, Samples(memory["x"], memory["y"], memory["t"])])
-        self.train_on(data)
+        return data
 
     def steps_per_experience(self, exp: Experience) -> int:
         return self.steps_for(len(exp) + len(self.buffer))

@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 VARIANTS = ("cpu", "cuda", "cuda_tf32", "cuda_nocudnn")
-
-
 STRATEGIES = {"er": {"name": "er"}, "naive": {"name": "naive"}}
 
 

@@ -39,13 +39,17 @@ from cl.runner import build_scenario, load_datasets, resolve_device, run_one, ru
 from cl.seeding import RUN_STREAMS, spawn_seeds
 
 
-def experiment(data_dir: str | None, strategy: dict, hidden: list[int] | None = None):
+STRATEGIES = {"naive": {"name": "naive"}, "er": {"name": "er", "buffer_size": 500, "replay_batch_size": 10}}
+
+
+def experiment(strategy: str, dataset: dict, hidden: list[int], lr: float = 0.01):
+    """Class-incremental, 5 experiences, MLP, batch 10, one epoch: the run both sides train."""
     return build_experiment({
-        "name": "overhead", "dataset": {"name": "fashion_mnist", **({"data_dir": data_dir} if data_dir else {})},
+        "name": "overhead", "dataset": dataset,
         "scenario": {"name": "class_incremental", "n_experiences": 5},
-        "model": {"name": "mlp", "hidden": hidden or [100, 100]},
-        "training": {"epochs": 1, "batch_size": 10, "lr": 0.01, "eval_batch_size": 2000},
-        "strategies": [strategy],
+        "model": {"name": "mlp", "hidden": hidden},
+        "training": {"epochs": 1, "batch_size": 10, "lr": lr, "eval_batch_size": 2000},
+        "strategies": [STRATEGIES[strategy]],
     })
 
 
@@ -129,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
-    parser.add_argument("--strategies", nargs="+", default=["naive", "er"], choices=["naive", "er"])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="MLP hidden sizes (default 100 100)")
     parser.add_argument("--stack", type=int, nargs="*", default=[3, 9], metavar="K",
                         help="stacked group sizes to time (default 3 9; none to skip)")
@@ -137,11 +141,9 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
     warm_up(device)
-    for name, strategy in [("naive", {"name": "naive"}),
-                           ("er", {"name": "er", "buffer_size": 500, "replay_batch_size": 10})]:
-        if name not in args.strategies:
-            continue
-        cfg = experiment(args.data_dir, strategy, args.hidden)
+    dataset = {"name": "fashion_mnist", **({"data_dir": args.data_dir} if args.data_dir else {})}
+    for name in args.strategies:
+        cfg = experiment(name, dataset, args.hidden)
         scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0).to(device)
         ours, bare, by_seed = [], [], {}
         graphed_modes = [False, True] if device.type == "cuda" else [False]

@@ -16,23 +16,12 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from overhead import bare_loop, warm_up  # beside this script
-from cl.config import build_experiment
+from overhead import STRATEGIES, bare_loop, experiment, warm_up  # beside this script
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPIES = ("cudaMemcpyAsync", "cudaMemcpy")
-
-
-def experiment(strategy: dict):
-    return build_experiment({
-        "name": "profile", "dataset": {"name": "mnist5k"},
-        "scenario": {"name": "class_incremental", "n_experiences": 5},
-        "model": {"name": "mlp", "hidden": [100, 100]},
-        "training": {"epochs": 1, "batch_size": 10, "lr": 0.05, "eval_batch_size": 2000},
-        "strategies": [strategy],
-    })
 
 
 def counted(fn) -> collections.Counter:
@@ -45,15 +34,14 @@ def counted(fn) -> collections.Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--strategy", default="naive", choices=["naive", "er"])
+    parser.add_argument("--strategy", default="naive", choices=list(STRATEGIES))
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    strategy = {"name": "naive"} if args.strategy == "naive" else {"name": "er", "buffer_size": 500,
-                                                                  "replay_batch_size": 10}
-    cfg = experiment(strategy)
+    # lr 0.05 so that this short run learns every experience (the divergence check stops one that does not).
+    cfg = experiment(args.strategy, {"name": "mnist5k"}, [100, 100], lr=0.05)
     scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0).to(device)
-    steps = sum(-(-len(exp) // 10) for exp in scenario.train)
+    steps = sum(-(-len(exp) // cfg.training.batch_size) for exp in scenario.train)
     warm_up(device)
     record = run_one(cfg, cfg.strategies[0], scenario, 0, device, progress=False)  # every kernel loaded once
     if record.status != "completed":

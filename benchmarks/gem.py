@@ -26,7 +26,6 @@ permutations, e.g. the rotations: the loop then checks our GEM on that stream to
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from pathlib import Path

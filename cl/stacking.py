@@ -5,7 +5,8 @@ trained with small batches, so each step is a few dozen tiny operations and
 the time goes into launching them. Runs of one strategy that share every shape
 (the same model, parameters and experience sizes; different seeds) can train
 together: their parameters are stacked along a leading dimension and the
-step's forward and backward run once for all of them under `torch.func.vmap`.
+step's forward and backward run once for all of them, vmapped over the runs
+(cl/mapped.py: what `torch.func.vmap` does, with the bindings resolved once).
 
 What stays per run (a "member"): its `Strategy` object with its own scenario,
 data order, initialisation, generator, buffers, logs, compute count and
@@ -39,18 +40,16 @@ stacked step's time on these CPUs).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import vmap
-from torch.nn.utils.stateless import _reparametrize_module
 
 from cl.data import Experience
 from cl.graphs import StepGraphs
+from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
 from cl.strategy import Batch, StepOutput, Strategy
 from cl.training import make_optimizer
 
@@ -106,6 +105,15 @@ def _stack_value(values: list[Any]) -> Any:
                     f"lists and tuples of tensors")
 
 
+def _map_value(fn: Any, value: Any) -> Any:
+    """fn applied to every tensor of a member_state value stacked by `_stack_value`."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_value(fn, v) for k, v in value.items()}
+    return type(value)(_map_value(fn, v) for v in value)
+
+
 def member_differences(members: list[Strategy]) -> tuple[list[str], list[str]]:
     """The strategy parameters and the training parameters in which the members differ; a ValueError
     when they differ in anything stacking cannot vary per member (a shape, a branch, a schedule)."""
@@ -135,7 +143,7 @@ class StackedRuns:
         if problem is not None:
             raise ValueError(f"{type(members[0]).__name__} cannot run stacked: {problem}")
         self.members = members
-        self.template = members[0]  # its objective runs under vmap with every member's tensors bound
+        self.template = members[0]  # its objective runs vmapped with every member's tensors bound
         self.training = self.template.training
         self.varying_params, varying_training = member_differences(members)
         # Each member steps its slices with its own optimizer (clipping is per member either way).
@@ -199,20 +207,27 @@ class StackedRuns:
             for k, b in enumerate(member_tensors):
                 b.data = stacked[k]
             self.buffers[name] = stacked
+        # What the objective sees in place of the template's own tensors (bound per step, see _objective):
+        # the model's parameters and buffers and those of modules in member_state (slots), other
+        # member_state values (stacked leaf by leaf) and the members' differing float parameters.
+        template = self.template
+        self._slots = ModuleSlots()
+        self._slots.add(template.model, [*self.parameters, *self.buffers])
+        self._slot_tensors = [*self.parameters.values(), *self.buffers.values()]
         self.state: dict[str, Any] = {}
-        names = list(self.template.member_state)
-        if self.template._task_classes is not None:
+        names = list(template.member_state)
+        if template._task_classes is not None:
             names.append("_task_classes")
         for name in names:
             values = [getattr(m, name) for m in self.members]
             if isinstance(values[0], nn.Module):
                 tensors = [dict([*v.named_parameters(), *v.named_buffers()]) for v in values]
-                self.state[name] = {key: torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]}
+                self._slots.add(values[0], list(tensors[0]))
+                self._slot_tensors += [torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]]
             else:
                 self.state[name] = _stack_value(values)
-        if self.varying_params:  # bound as the template's params (see _bound)
-            self.state["params"] = {name: torch.tensor([getattr(m.params, name) for m in self.members],
-                                                       device=self.template.device) for name in self.varying_params}
+        self._varying_values = {name: torch.tensor([getattr(m.params, name) for m in self.members],
+                                                   device=template.device) for name in self.varying_params}
         by_id = {id(p): name for name, p in self.template.model.named_parameters()}
         self._clipped = [self.parameters[by_id[id(p)]] for g in self.template._parameter_groups() for p in g["params"]]
         clip = [m.training.grad_clip_norm for m in self.members]
@@ -224,7 +239,6 @@ class StackedRuns:
         else:
             self._build_optimizer()
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
-        self._objective = vmap(self._member_objective, randomness="error")
 
     def _build_optimizer(self) -> None:
         """One optimizer over the stack: the template's parameter groups, each member parameter replaced
@@ -300,7 +314,7 @@ class StackedRuns:
         count = self.template.compute
         count.count_vmapped = True
         try:
-            result = self._objective(self.parameters, self.buffers, self.state, inputs)
+            result = self._objective(inputs)
         finally:
             count.count_vmapped = False
         result["loss"].sum().backward()
@@ -331,40 +345,31 @@ class StackedRuns:
                            terms={name: value[k] for name, value in terms.items()})
                 for k in range(len(self.members))]
 
-    def _member_objective(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                          state: dict[str, Any], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The template's objective with one member's slices bound (runs under vmap)."""
-        with self._bound(parameters, buffers, state):
-            out = self.template.objective(inputs)
-        if isinstance(out, torch.Tensor):
-            out = StepOutput(out)
-        result = {"loss": out.loss, **out.terms}
-        if out.logits is not None:
-            result["logits"] = out.logits
-        return result
-
-    @contextlib.contextmanager
-    def _bound(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-               state: dict[str, Any]) -> Iterator[None]:
-        template = self.template
-        saved = {}
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(_reparametrize_module(template.model, {**parameters, **buffers}))
-            for name, value in state.items():
-                current = getattr(template, name)
-                if name == "params" and self.varying_params:  # the member's own float parameters
-                    saved[name] = current
-                    setattr(template, name, _with_values(current, value))
-                elif isinstance(current, nn.Module):
-                    stack.enter_context(_reparametrize_module(current, value))
-                else:
-                    saved[name] = current
-                    setattr(template, name, value)
+    def _objective(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every member's objective at once: the template's objective run at a vmap level over the members
+        with each stacked tensor bound in place of the template's own (cl/mapped.py); its loss, terms and
+        logits with the members along dimension 0."""
+        template, size = self.template, len(self.members)
+        with vmap_level(size) as level, self._slots.bound([batched(t, level) for t in self._slot_tensors]):
+            saved = {name: getattr(template, name) for name in self.state}
+            if self.varying_params:  # the members' own float parameters, as 0-d tensors
+                saved["params"] = template.params
+                template.params = _with_values(template.params, {
+                    name: batched(value, level) for name, value in self._varying_values.items()})
             try:
-                yield
+                for name, value in self.state.items():
+                    setattr(template, name, _map_value(lambda t: batched(t, level), value))
+                out = template.objective({key: batched(value, level) for key, value in inputs.items()})
             finally:
                 for name, value in saved.items():
                     setattr(template, name, value)
+            if isinstance(out, torch.Tensor):
+                out = StepOutput(out)
+            result = {"loss": out.loss, **out.terms}
+            if out.logits is not None:
+                result["logits"] = out.logits
+            return {name: unbatched(torch.as_tensor(value, device=template.device), level, size)
+                    for name, value in result.items()}
 
     def _adjust_gradients(self, batches: list[Batch], outs: list[StepOutput]) -> None:
         """Each member's adjust_gradients, its parameters' .grad being views of its slice of the stack's."""

@@ -8,6 +8,7 @@ import torch
 import cl.graphs
 import cl.stacking
 from cl.graphs import Captured
+from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
 from cl.registry import STRATEGIES
 from cl.runner import (build_scenario, build_strategy, load_datasets, run_experiment, run_one, run_stacked, stack_groups,
                        stack_signature)
@@ -205,6 +206,58 @@ def test_objective_may_not_draw_random_numbers():
         s.__class__ = Noisy
     with pytest.raises(RuntimeError, match="random"):
         train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
+
+
+def _stacked_mlps(k: int = 3):
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)) for _ in range(k)]
+    names = [n for n, _ in models[0].named_parameters()]
+    stacked = {n: cl.stacking.stack_tensors([dict(m.named_parameters())[n] for m in models]).requires_grad_()
+               for n in names}
+    return models, stacked
+
+
+def test_mapped_objective_matches_torch_func_vmap():
+    """cl/mapped.py's lean vmap (bindings resolved once) computes what torch.func.vmap with
+    functional_call does: the same outputs and the same gradients in every member's slice; an output
+    that does not depend on the members comes back expanded along them."""
+    models, stacked = _stacked_mlps()
+    x = torch.randn(3, 7, 6)
+
+    def member_loss(out):
+        return out.square().mean()
+
+    reference = torch.func.vmap(lambda p, xx: member_loss(torch.func.functional_call(models[0], p, (xx,))))
+    expected = reference(stacked, x)
+    expected.sum().backward()
+    expected_grads = {n: t.grad.clone() for n, t in stacked.items()}
+    for t in stacked.values():
+        t.grad = None
+
+    slots = ModuleSlots()
+    slots.add(models[0], list(stacked))
+    with vmap_level(3) as level, slots.bound([batched(t, level) for t in stacked.values()]):
+        loss = unbatched(member_loss(models[0](batched(x, level))), level, 3)
+        constant = unbatched(torch.tensor(2.0), level, 3)
+    loss.sum().backward()
+    assert torch.equal(loss, expected)
+    for name, t in stacked.items():
+        assert torch.allclose(t.grad, expected_grads[name], atol=1e-7), name
+    assert torch.equal(constant, torch.full((3,), 2.0))
+
+
+def test_module_slots_put_the_modules_own_tensors_back_even_after_an_error():
+    models, stacked = _stacked_mlps()
+    own = dict(models[0].named_parameters())
+    slots = ModuleSlots()
+    slots.add(models[0], list(stacked))
+    with pytest.raises(ZeroDivisionError):
+        with slots.bound([t[1] for t in stacked.values()]):
+            assert models[0][0].weight.data_ptr() == stacked["0.weight"][1].data_ptr()
+            1 / 0
+    assert all(models[0].get_parameter(n) is p for n, p in own.items())
+    with pytest.raises(KeyError, match="no parameter or buffer '0.scale'"):
+        slots.add(models[0], ["0.scale"])
 
 
 @pytest.mark.cuda

@@ -166,24 +166,26 @@ class Reservoir(Policy):
     """
 
     def __init__(self) -> None:
-        self._offsets: dict[int, torch.Tensor] = {}  # arange(n) per batch size, made once
+        self._offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch size, made once
 
     def place(self, buffer: Buffer, n: int, task: int) -> torch.Tensor | slice:
         seen, capacity = buffer.n_seen, buffer.capacity
         buffer.size = min(seen + n, capacity)
         if seen + n <= capacity:  # still filling: a plain slice
             return slice(seen, seen + n)
-        offsets = self._offsets.get(n)
-        if offsets is None:
-            offsets = self._offsets[n] = torch.arange(n, device=buffer.device)
+        if n not in self._offsets:
+            offsets = torch.arange(n, device=buffer.device)
+            self._offsets[n] = offsets, offsets.unsqueeze(0) > offsets.unsqueeze(1)  # later[i, k]: k after i
+        offsets, later = self._offsets[n]
         g = offsets + seen  # global sample numbers
         # float64: float32 draws could only reach multiples of (g + 1) / 2**24 on long streams.
-        r = (torch.rand(n, generator=buffer.generator, device=buffer.device, dtype=torch.float64) * (g + 1)).long()
-        slot = torch.where(g < capacity, g, r)
+        slot = (torch.rand(n, generator=buffer.generator, device=buffer.device, dtype=torch.float64) * (g + 1)).long()
+        if seen < capacity:  # the batch fills the last free slots first
+            slot = torch.where(g < capacity, g, slot)
         accepted = slot < capacity
-        same = slot.unsqueeze(0) == slot.unsqueeze(1)  # same[i, k]: i and k picked one slot
-        later = offsets.unsqueeze(0) > offsets.unsqueeze(1)  # k comes after i
-        superseded = (same & later & accepted.unsqueeze(0)).any(dim=1)
+        # An accepted sample loses its slot to a later one of the batch that picked the same slot (which is
+        # then accepted too).
+        superseded = ((slot.unsqueeze(0) == slot.unsqueeze(1)) & later).any(dim=1)
         return torch.where(accepted & ~superseded, slot, capacity)
 
 

@@ -92,26 +92,18 @@ def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.detach() for t in tensors])
 
 
-def _stack_value(values: list[Any]) -> Any:
-    """Member state (a tensor, or a dict / list / tuple of tensors) stacked leaf by leaf."""
+def _leafwise(fn: Any, values: list[Any]) -> Any:
+    """fn(tensors) at every leaf of the members' state values (a tensor, or a dict / list / tuple of them),
+    the tensors being those of every value at that leaf."""
     first = values[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(values)
+        return fn(values)
     if isinstance(first, dict):
-        return {k: _stack_value([v[k] for v in values]) for k in first}
+        return {k: _leafwise(fn, [v[k] for v in values]) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_stack_value(list(parts)) for parts in zip(*values))
+        return type(first)(_leafwise(fn, list(parts)) for parts in zip(*values))
     raise TypeError(f"member_state holds a {type(first).__name__}; it may hold modules, tensors, or dicts, "
                     f"lists and tuples of tensors")
-
-
-def _map_value(fn: Any, value: Any) -> Any:
-    """fn applied to every tensor of a member_state value stacked by `_stack_value`."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_value(fn, v) for k, v in value.items()}
-    return type(value)(_map_value(fn, v) for v in value)
 
 
 def member_differences(members: list[Strategy]) -> tuple[list[str], list[str]]:
@@ -225,7 +217,7 @@ class StackedRuns:
                 self._slots.add(values[0], list(tensors[0]))
                 self._slot_tensors += [torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]]
             else:
-                self.state[name] = _stack_value(values)
+                self.state[name] = _leafwise(torch.stack, values)  # stacked leaf by leaf
         self._varying_values = {name: torch.tensor([getattr(m.params, name) for m in self.members],
                                                    device=template.device) for name in self.varying_params}
         by_id = {id(p): name for name, p in self.template.model.named_parameters()}
@@ -358,7 +350,7 @@ class StackedRuns:
                     name: batched(value, level) for name, value in self._varying_values.items()})
             try:
                 for name, value in self.state.items():
-                    setattr(template, name, _map_value(lambda t: batched(t, level), value))
+                    setattr(template, name, _leafwise(lambda t: batched(t[0], level), [value]))
                 out = template.objective({key: batched(value, level) for key, value in inputs.items()})
             finally:
                 for name, value in saved.items():

@@ -19,11 +19,16 @@ from torch import nn
 from torch.func import grad, vmap
 
 
+def grad_or_zeros(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient; zeros shaped like it where autograd gave None (the parameter was unused)."""
+    return torch.zeros_like(parameter) if grad is None else grad
+
+
 def flat_grad(params: list[nn.Parameter], grads: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Gradients of `params` as one vector: their .grad, or `grads` (e.g. from torch.autograd.grad)
     when given; zeros where a gradient is None."""
     grads = [p.grad for p in params] if grads is None else grads
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat([grad_or_zeros(g, p).reshape(-1) for g, p in zip(grads, params)])
 
 
 def set_flat_grad(params: list[nn.Parameter], vector: torch.Tensor) -> None:

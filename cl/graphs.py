@@ -17,8 +17,9 @@ replayed. A signature that occurs fewer times (the last, shorter batch of an
 experience; the first step before a buffer has anything to replay) simply stays
 eager. Compute counts are those of the signature's last eager step, added at
 each replay (what the capture's own Python pass counted is taken back out).
-Strategies that rewrite gradients on the host (`adjust_gradients`: GEM's
-quadratic program, A-GEM's projection, SI's bookkeeping) are not graphed.
+Strategies that read or rewrite gradients on the host (`adjust_gradients`: GEM's
+quadratic program, SI's bookkeeping) are not graphed; A-GEM's projection
+(`project_gradient`, tensor operations) is part of the graphed step.
 
 Graphs live for one experience: `release()` drops them when it ends (their
 memory pools go back at once), and Python's garbage collector is paused while a

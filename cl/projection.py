@@ -106,7 +106,14 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, ridge: fl
     return (g.double() + Gd.T @ torch.from_numpy(v).to(Gd.device)).to(g.dtype)
 
 
-def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
-    """A-GEM: g - (g.g_ref / g_ref.g_ref) g_ref when g.g_ref < 0, else g (no host synchronisation)."""
-    dot = torch.dot(g, g_ref).clamp(max=0)
-    return g - dot / torch.dot(g_ref, g_ref).clamp(min=torch.finfo(g.dtype).tiny) * g_ref
+def agem_project(g: dict[str, torch.Tensor], g_ref: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A-GEM on gradients held per parameter (name -> tensor), as if each were one flat vector:
+    g - (g.g_ref / g_ref.g_ref) g_ref when g.g_ref < 0, else g; and 1.0 where it projected, else 0.0.
+
+    Tensor operations only, no host synchronisation and no flattening (a flat copy of the stacked
+    engine's transposed weights would cost a copy each), so it runs stacked and in CUDA graphs."""
+    dot = torch.stack([(g[name] * r).sum() for name, r in g_ref.items()]).sum()
+    norm = torch.stack([(r * r).sum() for r in g_ref.values()]).sum()
+    scale = dot.clamp(max=0) / norm.clamp(min=torch.finfo(norm.dtype).tiny)
+    return {name: torch.addcmul(g[name], scale, r, value=-1) for name, r in g_ref.items()}, (dot < 0).float()

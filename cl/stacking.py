@@ -15,6 +15,8 @@ evaluator. Each step of the group:
     for each member:  batch <- its next batch;  inputs <- member.draw(batch)      (own random stream)
     losses <- vmap(objective)(stacked parameters, stacked member_state, stacked inputs)
     sum(losses).backward()                       (each member's gradient lands in its slice)
+    [references returned: their gradients from one more backward pass over the stack, and
+     grads <- vmap(project_gradient)(grads, reference gradients)          (A-GEM)]
     for each member:  member.adjust_gradients    (its .grad are views of its slice; GEM-style hooks)
     clip each member's gradient norm; one optimizer step on the stacked parameters
     for each member:  member.after_step          (buffer updates, SI's path integral)
@@ -40,14 +42,16 @@ stacked step's time on these CPUs).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from cl.data import Experience
+from cl.gradients import grad_or_zeros
 from cl.graphs import StepGraphs
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
 from cl.strategy import Batch, StepOutput, Strategy
@@ -55,6 +59,8 @@ from cl.training import make_optimizer
 
 #: Training parameters stacked members may differ in (each member then steps its own optimizer).
 PER_MEMBER_TRAINING = ("lr", "momentum", "weight_decay", "grad_clip_norm")
+#: The key of the members' reference losses (StepOutput.reference) among the stacked objective's results.
+REFERENCE = "reference loss"
 
 
 def stacking_problem(strategy: type[Strategy], model: nn.Module | None = None) -> str | None:
@@ -221,7 +227,8 @@ class StackedRuns:
         self._varying_values = {name: torch.tensor([getattr(m.params, name) for m in self.members],
                                                    device=template.device) for name in self.varying_params}
         by_id = {id(p): name for name, p in self.template.model.named_parameters()}
-        self._clipped = [self.parameters[by_id[id(p)]] for g in self.template._parameter_groups() for p in g["params"]]
+        self._optimized_names = [by_id[id(p)] for g in self.template._parameter_groups() for p in g["params"]]
+        self._clipped = [self.parameters[name] for name in self._optimized_names]
         clip = [m.training.grad_clip_norm for m in self.members]
         self._clip_norms = torch.tensor([c if c > 0 else float("inf") for c in clip], device=self.template.device) \
             if any(c > 0 for c in clip) else None
@@ -309,7 +316,10 @@ class StackedRuns:
             result = self._objective(inputs)
         finally:
             count.count_vmapped = False
-        result["loss"].sum().backward()
+        reference = result.pop(REFERENCE, None)
+        result["loss"].sum().backward(retain_graph=reference is not None)
+        if reference is not None:
+            result.update(self._project_gradients(reference))
         return {name: value.detach() for name, value in result.items()}
 
     def _update(self) -> None:
@@ -337,10 +347,10 @@ class StackedRuns:
                            terms={name: value[k] for name, value in terms.items()})
                 for k in range(len(self.members))]
 
-    def _objective(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every member's objective at once: the template's objective run at a vmap level over the members
-        with each stacked tensor bound in place of the template's own (cl/mapped.py); its loss, terms and
-        logits with the members along dimension 0."""
+    @contextlib.contextmanager
+    def _members_bound(self) -> Iterator[int]:
+        """A vmap level over the members (yielded) inside which the template reads every member's own
+        tensors: its model's parameters and buffers, member_state and differing float parameters."""
         template, size = self.template, len(self.members)
         with vmap_level(size) as level, self._slots.bound([batched(t, level) for t in self._slot_tensors]):
             saved = {name: getattr(template, name) for name in self.state}
@@ -351,17 +361,42 @@ class StackedRuns:
             try:
                 for name, value in self.state.items():
                     setattr(template, name, _leafwise(lambda t: batched(t[0], level), [value]))
-                out = template.objective({key: batched(value, level) for key, value in inputs.items()})
+                yield level
             finally:
                 for name, value in saved.items():
                     setattr(template, name, value)
+
+    def _objective(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every member's objective at once (the template's, run with the members bound); its loss, terms,
+        logits and reference with the members along dimension 0."""
+        template, size = self.template, len(self.members)
+        with self._members_bound() as level:
+            out = template.objective({key: batched(value, level) for key, value in inputs.items()})
             if isinstance(out, torch.Tensor):
                 out = StepOutput(out)
             result = {"loss": out.loss, **out.terms}
             if out.logits is not None:
                 result["logits"] = out.logits
+            if out.reference is not None:
+                result[REFERENCE] = out.reference
             return {name: unbatched(torch.as_tensor(value, device=template.device), level, size)
                     for name, value in result.items()}
+
+    def _project_gradients(self, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every member's project_gradient at once: the gradients of the members' reference losses
+        (`reference`, one per member) from one backward pass over the stack, then the template's
+        project_gradient vmapped over the members' gradients. Returns its terms, members along dim 0."""
+        stacked = [self.parameters[name] for name in self._optimized_names]
+        references = torch.autograd.grad(reference.sum(), stacked, allow_unused=True)
+        size = len(self.members)
+        with self._members_bound() as level:
+            grad, terms = self.template.project_gradient(
+                {name: batched(grad_or_zeros(p.grad, p), level) for name, p in zip(self._optimized_names, stacked)},
+                {name: batched(grad_or_zeros(r, p), level)
+                 for name, p, r in zip(self._optimized_names, stacked, references)})
+            for name, p in zip(self._optimized_names, stacked):
+                p.grad = unbatched(grad[name], level, size)
+            return {name: unbatched(value, level, size) for name, value in terms.items()}
 
     def _adjust_gradients(self, batches: list[Batch], outs: list[StepOutput]) -> None:
         """Each member's adjust_gradients, its parameters' .grad being views of its slice of the stack's."""

@@ -17,6 +17,7 @@ Lifecycle of a run:
         train_experience(exp)       default: `epochs` passes of shuffled batches of
                                     training_data(exp), each a train_step:
             zero_grad -> out = loss(batch) [= objective(draw(batch))] -> out.loss.backward()
+            -> [out.reference set: .grad <- project_gradient(.grad, grad of out.reference)]
             -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
             -> after_step(batch, out) -> out.terms logged
         end_experience(exp)         still in train mode; runs before the evaluation
@@ -43,7 +44,13 @@ Hooks to override (all optional):
                                tensor values), so that it can run stacked (cl/stacking.py)
     loss(batch)                default objective(draw(batch)); a strategy that cannot split its step
                                overrides loss instead (and is then not stackable)
-    adjust_gradients(batch, out)  read / rewrite .grad between backward and step (GEM, A-GEM)
+    project_gradient(grad, reference)  the step's gradient rewritten with the gradient of a second loss
+                               the objective returned as `reference` (A-GEM): both {name: tensor}
+                               over the optimized parameters; returns the new gradient and terms to
+                               log. Tensor operations only (no host synchronisation, no branching
+                               on values), so it runs stacked and inside CUDA graphs
+    adjust_gradients(batch, out)  read / rewrite .grad between backward and step on the host, each
+                               run alone (GEM's quadratic program, SI's bookkeeping)
     after_step(batch, out)     after the optimizer step (fill buffers, SI's path integral)
     end_experience(exp)        after training (snapshot the model, rebalance buffers)
     predict(x, task_ids)       evaluation logits (iCaRL's nearest mean, task inference)
@@ -62,11 +69,11 @@ import dataclasses
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl.errors import UserError
 from cl.data import SETTINGS, Experience, Samples, StreamInfo, tensor_bytes
+from cl.gradients import grad_or_zeros
 from cl.models import module_bytes
 from cl.losses import cross_entropy
 from cl.params import NoParams
@@ -90,6 +97,9 @@ class StepOutput:
     loss: torch.Tensor
     logits: torch.Tensor | None = None  # logits of the stream batch (its len(batch.y) rows)
     terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # logged as per-experience means
+    #: A second loss whose gradient `project_gradient` receives (A-GEM's loss on memory samples); None:
+    #: the step's gradient is used as it is.
+    reference: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -169,6 +179,7 @@ class Strategy:
             self.compute.attach(self.model)
             self.setup()
         self._clipped: list[nn.Parameter] = []  # set with the optimizer (_use_optimizer)
+        self._optimized: list[tuple[str, nn.Parameter]] = []  # the same, named (for project_gradient)
         self._parameter_groups()  # refuse a bad freeze / lr_scale prefix before anything trains
 
     @classmethod
@@ -272,6 +283,8 @@ class Strategy:
     def _use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self._clipped = [p for g in optimizer.param_groups for p in g["params"]]  # for grad_clip_norm
+        ids = {id(p) for p in self._clipped}
+        self._optimized = [(name, p) for name, p in self.optimizer_parameters() if id(p) in ids]
 
     def train_experience(self, exp: Experience) -> None:
         data = self.training_data(exp)
@@ -312,7 +325,9 @@ class Strategy:
             out = StepOutput(out)
         if self.loss_monitor is not None:
             self.loss_monitor.add(out.loss.detach())
-        out.loss.backward()
+        out.loss.backward(retain_graph=out.reference is not None)  # the reference may share the graph
+        if out.reference is not None:
+            self._project_gradients(out)
         self.adjust_gradients(batch, out)
         if self.training.grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(self._clipped, self.training.grad_clip_norm)
@@ -321,6 +336,19 @@ class Strategy:
         for name, value in out.terms.items():
             self.log(name, value)
         return out
+
+    def _project_gradients(self, out: StepOutput) -> None:
+        """Each optimized parameter's .grad <- project_gradient(.grad, gradient of out.reference); its terms
+        join out.terms. A gradient that is None counts as zeros."""
+        named = self._optimized
+        params = [p for _, p in named]
+        reference = torch.autograd.grad(out.reference, params, allow_unused=True)
+        grad, terms = self.project_gradient(
+            {name: grad_or_zeros(p.grad, p) for name, p in named},
+            {name: grad_or_zeros(r, p) for (name, p), r in zip(named, reference)})
+        for name, p in named:
+            p.grad = grad[name]
+        out.terms.update(terms)
 
     def prepare(self, raw: torch.Tensor, train: bool = True) -> torch.Tensor:
         """Stored inputs (a batch's `raw`, buffer samples) -> model inputs, augmented when `train`."""
@@ -357,6 +385,12 @@ class Strategy:
         """The loss of one step's inputs (see the module doc for what it may read)."""
         logits = self.forward(inputs["x"], inputs["t"])
         return StepOutput(cross_entropy(logits, inputs["y"]), logits=logits)
+
+    def project_gradient(self, grad: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The step's gradient given the gradient of `StepOutput.reference` (both by parameter name): the
+        gradient to step with and terms to log. Called only when the objective set a reference."""
+        return grad, {}
 
     def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
         pass

@@ -27,7 +27,6 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from cl.buffers import Buffer, RingPerTask
@@ -168,19 +167,33 @@ class AGEM(EpisodicMemory):
         past = self.past_tasks()
         self._past_slots = (torch.cat([self.memory.policy.task_slots(k, self.device) for k in past])
                             if past else None)
+        # The earlier tasks' memories do not change while this task trains: gathered once, and their
+        # inputs prepared once when the pipeline does not augment (a draw then only indexes them).
+        self._past: dict[str, torch.Tensor] | None = None
+        if self._past_slots is not None:
+            self._past = self.memory.get(self._past_slots)
+            self._past_prepared = not self.context.pipeline.params.augments
+            if self._past_prepared:
+                self._past["x"] = self.prepare(self._past["x"])
 
-    def reference_gradient(self) -> torch.Tensor:
-        slots = self._past_slots
-        pick = torch.randperm(len(slots), generator=self.generator, device=self.device)[: self.params.sample_size]
-        memory = self.memory.get(slots[pick])
-        logits = self.forward(self.prepare(memory["x"]), memory["t"])
-        params = list(self.constrained.values())
-        return flat_grad(params, torch.autograd.grad(cross_entropy(logits, memory["y"]), params, allow_unused=True))
+    def draw(self, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = super().draw(batch)
+        if self._past is not None:  # sample_size memories of earlier tasks, without replacement
+            pick = torch.randperm(len(self._past_slots), generator=self.generator,
+                                  device=self.device)[: self.params.sample_size]
+            x, y, t = (self._past[name].index_select(0, pick) for name in ("x", "y", "t"))
+            inputs.update(memory_x=x if self._past_prepared else self.prepare(x), memory_y=y, memory_t=t)
+        return inputs
 
-    def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:
-        if self._past_slots is None:
-            return
-        params = list(self.constrained.values())
-        g, g_ref = flat_grad(params), self.reference_gradient()
-        set_flat_grad(params, agem_project(g, g_ref))
-        self.log("projected", (torch.dot(g, g_ref) < 0).float())
+    def objective(self, inputs: dict[str, torch.Tensor]) -> StepOutput:
+        out = super().objective(inputs)
+        if "memory_x" in inputs:  # the loss behind g_ref
+            logits = self.forward(inputs["memory_x"], inputs["memory_t"])
+            out.reference = cross_entropy(logits, inputs["memory_y"])
+        return out
+
+    def project_gradient(self, grad: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """if g.g_ref < 0:  g <- g - (g.g_ref / g_ref.g_ref) g_ref"""
+        projected, conflict = agem_project(grad, reference)
+        return projected, {"projected": conflict}

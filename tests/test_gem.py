@@ -12,6 +12,7 @@ from cl.errors import UserError
 from cl.gradients import batch_statistics_only, flat_grad, grouped_gradients
 from cl.projection import agem_project, gem_project, solve_bounded_qp, solve_gem_dual
 from cl.strategies.gem import GEM
+from cl.strategy import Strategy
 from tests.helpers import digits_experiment, register_temporarily, run, strategy_for
 
 
@@ -110,16 +111,24 @@ def test_an_unviolated_gradient_is_returned_unchanged():
     assert gem_project(g, G) is g
 
 
+def agem_flat(g: torch.Tensor, g_ref: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """agem_project of two vectors, each split into two 'parameters' (the first element, the rest)."""
+    split = lambda v: {"a": v[:1], "b": v[1:].view(-1, 1)}  # noqa: E731
+    out, projected = agem_project(split(g), split(g_ref))
+    return torch.cat([out["a"], out["b"].view(-1)]), float(projected)
+
+
 def test_agem_projection_is_the_closed_form():
     g, g_ref = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
     # g.g_ref = -1, |g_ref|^2 = 2: g - (-1/2) g_ref = (0.5, 0.5), orthogonal to g_ref.
-    assert torch.allclose(agem_project(g, g_ref), torch.tensor([0.5, 0.5]))
+    assert agem_flat(g, g_ref)[1] == 1.0
+    assert torch.allclose(agem_flat(g, g_ref)[0], torch.tensor([0.5, 0.5]))
     g = torch.tensor([3.0, -1.0, 2.0])
-    g_ref = torch.tensor([-1.0, 2.0, 0.0])  # g.g_ref = -5, |g_ref|^2 = 5
-    assert torch.allclose(agem_project(g, g_ref), torch.tensor([2.0, 1.0, 2.0]))
+    g_ref = torch.tensor([-1.0, 2.0, 0.0])  # g.g_ref = -5 over both parts, |g_ref|^2 = 5
+    assert torch.allclose(agem_flat(g, g_ref)[0], torch.tensor([2.0, 1.0, 2.0]))
     same = torch.tensor([1.0, 1.0, 0.0])  # g.same = 2 >= 0: unchanged
-    assert torch.equal(agem_project(g, same), g)
-    assert torch.equal(agem_project(g, torch.zeros(3)), g)  # an empty reference changes nothing
+    assert torch.equal(agem_flat(g, same)[0], g) and agem_flat(g, same)[1] == 0.0
+    assert torch.equal(agem_flat(g, torch.zeros(3))[0], g)  # an empty reference changes nothing
 
 
 # ---------------------------------------------------------------- vectorised memory gradients
@@ -270,6 +279,62 @@ def test_agem_reference_batch_comes_from_earlier_tasks_only():
     strategy.begin_experience(scenario.train[2])
     assert sorted(strategy.memory.fields["t"][strategy._past_slots].unique().tolist()) == [0, 1]
     assert len(strategy._past_slots) == 60
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_agem_draws_its_reference_sample_from_the_earlier_memories(augment):
+    """The memories gathered (and, without augmentation, prepared) once per experience give the draw
+    that gathering and preparing the picked slots at each step would (with augmentation, prepared at
+    each step by the run's generator)."""
+    options = {"crop_padding": 2} if augment else {}
+    cfg = digits_experiment([{"name": "agem", "memory_per_task": 30, "sample_size": 16}], n_experiences=3,
+                            **options)
+    strategy, scenario = strategy_for(cfg)
+    for exp in scenario.train[:2]:
+        strategy.fit(exp)
+    strategy.begin_fit(scenario.train[2])
+    assert strategy._past_prepared is not augment
+    batch = next(strategy.batches(scenario.train[2]))
+    state = strategy.generator.get_state()
+    inputs = strategy.draw(batch)
+    strategy.generator.set_state(state)
+    pick = torch.randperm(60, generator=strategy.generator)[:16]
+    memory = strategy.memory.get(strategy._past_slots[pick])
+    expected = strategy.prepare(memory["x"])
+    assert torch.equal(inputs["memory_y"], memory["y"]) and torch.equal(inputs["memory_t"], memory["t"])
+    assert torch.equal(inputs["memory_x"], expected)  # augmented: by the same draws of the run's generator
+    if augment:
+        assert not torch.equal(expected, strategy.prepare(memory["x"], train=False))
+
+
+class ReferenceOnly(Strategy):
+    """Steps with the gradient of the reference loss alone (project_gradient returns it)."""
+
+    def objective(self, inputs):
+        out = super().objective(inputs)
+        out.reference = 2 * out.loss
+        return out
+
+    def project_gradient(self, grad, reference):
+        norm = torch.stack([r.norm() for r in reference.values()]).norm()
+        return {name: reference[name] - g for name, g in grad.items()}, {"reference_norm": norm}
+
+
+def test_project_gradient_receives_the_reference_gradient_and_its_result_is_the_step():
+    """reference = 2 loss, and the hook returns reference gradient - gradient = the gradient: the run
+    trains like fine-tuning, and the hook's term is logged."""
+    with register_temporarily("reference_only", ReferenceOnly):
+        cfg = digits_experiment([{"name": "reference_only"}, {"name": "naive"}], n_experiences=2)
+        projected, scenario = strategy_for(cfg, index=0)
+        naive, _ = strategy_for(cfg, index=1)
+        untrained = [p.detach().clone() for p in naive.model.parameters()]
+        for exp in scenario.train:
+            projected.fit(exp)
+            naive.fit(exp)
+    for a, b in zip(projected.model.parameters(), naive.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(next(projected.model.parameters()), untrained[0])  # it trained
+    assert all(v > 0 for v in projected.logs.as_lists(2)["reference_norm"])
 
 
 def test_gem_parameters_are_checked(monkeypatch):

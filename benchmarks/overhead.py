@@ -89,11 +89,12 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
     evaluate(0)
     for exp in scenario.train:
         for idx in torch.randperm(len(exp), generator=gen, device=device).split(10):
-            raw, y = exp.x[idx], exp.y[idx]
+            raw, y = exp.x.index_select(0, idx), exp.y.index_select(0, idx)
             x = raw.float().div_(255)
             if replay and n_seen > 0:
                 j = torch.randperm(min(n_seen, capacity), generator=gen, device=device)[:10]
-                x_all, y_all = torch.cat([x, buf_x[j].float().div_(255)]), torch.cat([y, buf_y[j]])
+                x_all = torch.cat([x, buf_x.index_select(0, j).float().div_(255)])
+                y_all = torch.cat([y, buf_y.index_select(0, j)])
             else:
                 x_all, y_all = x, y
             opt.zero_grad(set_to_none=True)

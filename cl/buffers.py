@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from cl.data import tensor_bytes
+from cl.data import rows, tensor_bytes
 
 Fields = dict[str, torch.Tensor]
 
@@ -115,7 +115,7 @@ class Buffer:
         return BufferSample(self.get(index), index)
 
     def get(self, index: torch.Tensor) -> Fields:
-        return {name: value[index] for name, value in self.fields.items()}
+        return {name: rows(value, index) for name, value in self.fields.items()}
 
     def memory_bytes(self) -> int:
         return tensor_bytes(*(value[: self.capacity] for value in self.fields.values()))

@@ -74,7 +74,7 @@ class Experience:
 
     def inputs(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Stored-form inputs of the samples at `index` (all when None), with the sample transform applied."""
-        x = self.x if index is None else self.x[index]
+        x = self.x if index is None else rows(self.x, index)
         return x if self.transform is None else self.transform(x)
 
     @functools.cached_property
@@ -115,10 +115,10 @@ class Samples:
         return int(self.y.shape[0])
 
     def inputs(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
-        return self.x if index is None else self.x[index]
+        return self.x if index is None else rows(self.x, index)
 
     def task_ids(self, index: torch.Tensor | slice) -> torch.Tensor:
-        return self.t[index]
+        return rows(self.t, index)
 
     @classmethod
     def of(cls, exp: Experience) -> "Samples":
@@ -210,6 +210,16 @@ class Scenario:
             lines.append(f"  {tr.id}: task {tr.task_id}, train {len(tr)}, test {len(te)}, "
                          f"classes {tr.classes.tolist()}")
         return "\n".join(lines)
+
+
+def rows(t: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    """t[index] along the first dimension, for a slice or a 1-D integer index. An index tensor goes
+    through `index_select`: a batch of 10 uint8 images took 3.0 us that way against 10.9 us through
+    advanced indexing on these CPUs, paid for every stream batch and buffer sample."""
+    if isinstance(index, torch.Tensor) and index.dim() == 1 and not index.dtype.is_floating_point \
+            and index.dtype != torch.bool:
+        return t.index_select(0, index)
+    return t[index]
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

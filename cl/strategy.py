@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from cl.errors import UserError
-from cl.data import SETTINGS, Experience, Samples, StreamInfo, tensor_bytes
+from cl.data import SETTINGS, Experience, Samples, StreamInfo, rows, tensor_bytes
 from cl.gradients import grad_or_zeros
 from cl.models import module_bytes
 from cl.losses import cross_entropy
@@ -307,7 +307,7 @@ class Strategy:
         order = torch.randperm(len(data), generator=self.generator, device=self.device)
         for idx in order.split(self.training.batch_size):
             raw = data.inputs(idx)
-            yield Batch(self.prepare(raw), data.y[idx], data.task_ids(idx), raw)
+            yield Batch(self.prepare(raw), rows(data.y, idx), data.task_ids(idx), raw)
 
     def steps_per_experience(self, exp: Experience) -> int:
         """Number of train_step calls `fit(exp)` makes (for progress bars)."""

@@ -65,6 +65,21 @@ def test_batch_update_equals_sequential_algorithm():
             assert buf.fields["y"][:8].tolist() == expected
 
 
+def test_reservoir_slots_on_host_equal_those_on_the_device():
+    """The CPU's Python loop and the tensor operations used on accelerators give the same slots, while
+    the buffer fills its last free slots and long after, with many collisions within a batch."""
+    policy, generator = Reservoir(), torch.Generator().manual_seed(0)
+    cases = [(8, 3, 10), (8, 7, 10), (8, 8, 10), (16, 16, 32), (8, 40, 10), (500, 495, 10), (500, 5000, 10),
+             (500, 10**6, 3)]
+    for capacity, seen, n in cases:
+        for _ in range(50):
+            draws = torch.rand(n, generator=generator, dtype=torch.float64)
+            host = Reservoir.slots_on_host(draws.tolist(), seen, capacity)
+            assert torch.equal(host, policy.slots_on_device(draws, seen, capacity)), (capacity, seen)
+            kept = host[host < capacity]
+            assert len(kept.unique()) == len(kept)  # each slot written by one sample at most
+
+
 def test_every_sample_is_kept_with_equal_probability():
     # 400 samples through a buffer of 40: each sample ends up in the buffer with p = 0.1.
     counts = torch.zeros(400)

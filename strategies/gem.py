@@ -170,9 +170,9 @@ class AGEM(EpisodicMemory):
         # The earlier tasks' memories do not change while this task trains: gathered once, and their
         # inputs prepared once when the pipeline does not augment (a draw then only indexes them).
         self._past: dict[str, torch.Tensor] | None = None
+        self._past_prepared = not self.context.pipeline.params.augments
         if self._past_slots is not None:
             self._past = self.memory.get(self._past_slots)
-            self._past_prepared = not self.context.pipeline.params.augments
             if self._past_prepared:
                 self._past["x"] = self.prepare(self._past["x"])
 

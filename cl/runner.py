@@ -31,6 +31,7 @@ from cl.record import Budgets, Metrics, RunRecord
 from cl.resume import RunCheckpoint, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
+from cl.training import ComputeCount
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
 from cl.transforms import InputPipeline, channel_statistics
@@ -102,13 +103,20 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     n_parameters = parameter_count(model) if available is not None else 0
     for component in config.strategies if components is None else components:
         strategy = STRATEGIES.get(component.name).obj
-        need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
-        if available is not None and need > available:  # first: incompatibility() may build the model
-            raise UserError(f"strategy {component.label!r} needs at least {gib(need)} ({what}), but "
-                            f"{pipeline.device.type} has {gib(available)} free; shrink [model] or the buffer sizes")
-        problem = strategy.incompatibility(component.params, stream, model)
+        try:
+            stored, problem = strategy.stored_samples(component.params, stream), None
+            need, what = lower_bound(n_parameters, stream, stored)
+            if available is None or need <= available:  # first: incompatibility() may build the model
+                problem = strategy.incompatibility(component.params, stream, model)
+        except Exception:  # a plugin's bug: when this strategy is built for a run, that run fails with it
+            if components is None:
+                continue
+            raise
+        if available is not None and need > available:
+            raise UserError(f"{config.source}: strategy {component.label!r} needs at least {gib(need)} ({what}), "
+                            f"but {pipeline.device.type} has {gib(available)} free; shrink [model] or the buffer sizes")
         if problem is not None:
-            raise UserError(problem)
+            raise UserError(f"{config.source}: [[strategies]] {component.label!r}: {problem}")
 
 
 def build_strategy(component: Component, config: ExperimentConfig, scenario: Scenario, device: torch.device,
@@ -179,17 +187,22 @@ class Run:
         self.identity = run_identity(config, component, seed, device, sweep)
         if device.type == "cuda":  # PyTorch's default lets cuDNN convolutions use TF32
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.training.cuda_tf32
-        self.strategy = build_strategy(component, config, scenario, device, seed, pipeline)
-        self.strategy.loss_monitor = LossMonitor(config.divergence)
         self.evaluator = Evaluator(scenario, config.training.eval_batch_size)
         self.checkpoint = RunCheckpoint(checkpoints, self.identity) if checkpoints is not None else None
-        saved = self.checkpoint.load() if self.checkpoint is not None and resume else None
         self.done, self.earlier_seconds, self.eval_seconds = 0, 0.0, 0.0  # experiences done before this process
+        self.status, self.failure, self.current = "completed", None, 0  # current: 1-based experience
+        self.strategy: Strategy | None = None  # None when building it failed (the run is then `failed`)
+        with self.recording():  # a plugin's bug in __init__, build_model or setup fails this run only
+            self.strategy = build_strategy(component, config, scenario, device, seed, pipeline)
+        if self.strategy is None:
+            return
+        self.strategy.loss_monitor = LossMonitor(config.divergence)
+        saved = self.checkpoint.load() if self.checkpoint is not None and resume else None
         if saved is not None:
             self.checkpoint.restore(saved, self.strategy, self.evaluator, self.strategy.loss_monitor)
             self.done, self.earlier_seconds, self.eval_seconds = (saved["experiences_done"], saved["seconds"],
                                                                   saved["eval_seconds"])
-        self.status, self.failure, self.current = "completed", None, self.done  # current: 1-based experience
+        self.current = self.done
         self.first_evaluation = self.done == 0
 
     @property
@@ -213,7 +226,8 @@ class Run:
 
     def stop(self, exc: BaseException) -> None:
         self.status = "pruned" if isinstance(exc, Pruned) else "diverged" if isinstance(exc, Diverged) else "failed"
-        self.failure = {"experience": self.current, "step": self.strategy.step, "reason": failure_reason(exc),
+        step = 0 if self.strategy is None else self.strategy.step
+        self.failure = {"experience": self.current, "step": step, "reason": failure_reason(exc),
                         "traceback": "".join(traceback.format_exception(exc))}
 
     def evaluate(self, row: int) -> None:
@@ -262,7 +276,8 @@ class Run:
         evaluator, identity = self.evaluator, self.identity
         task_il = evaluator.task_il_matrix
         completed = self.status == "completed"
-        compute = strategy.compute
+        built = strategy is not None
+        compute = strategy.compute if built else ComputeCount()
         return RunRecord(
             run_key=run_key(identity),
             setup_key=_key(identity["setup"], 16),
@@ -273,16 +288,17 @@ class Run:
             metrics=Metrics(**compute_metrics(evaluator.matrix)) if completed else Metrics.unmeasured(),
             task_il_metrics=Metrics(**compute_metrics(task_il)) if completed and task_il is not None else None,
             budgets=Budgets(wall_seconds=wall, train_seconds=wall - self.eval_seconds, eval_seconds=self.eval_seconds,
-                            memory_bytes=strategy.memory_bytes(), model_bytes=strategy.model_bytes(),
+                            memory_bytes=strategy.memory_bytes() if built else 0,
+                            model_bytes=strategy.model_bytes() if built else 0,
                             forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
                             eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes(),
                             stacked_runs=stacked_with),
-            logs=strategy.logs.as_lists(scenario.n_experiences),
+            logs=strategy.logs.as_lists(scenario.n_experiences) if built else {},
             scenario=scenario.description,
             config={**config.setup(), "strategy": {"name": component.name, "label": component.label,
                                                    **params_to_dict(component.params)},
                     "experiment_file": config.source, "description": config.description},
-            provenance=provenance(self.device, type(strategy).__module__),
+            provenance=provenance(self.device, STRATEGIES.get(component.name).obj.__module__),
             model_stats=strategy.model_statistics() if completed else {},
             failure=self.failure,
             evaluated_on=config.evaluated_on,
@@ -305,6 +321,8 @@ def run_one(config: ExperimentConfig, component: Component, scenario: Scenario, 
 
 def train_alone(run: Run, progress: bool = True) -> None:
     """Train one run to its end (or until it stops)."""
+    if not run.running:  # its strategy could not be built
+        return
     with run.recording():
         run.begin()
         for i, exp in enumerate(run.scenario.train[run.done:], start=run.done):
@@ -339,8 +357,9 @@ def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
     (diverged, failed, pruned) leaves the stack; the others go on. Their members may differ in the
     strategy's float parameters and in the learning-rate-like training parameters (cl/stacking.py)."""
     for run in runs:
-        with run.recording():
-            run.begin()
+        if run.running:  # not when its strategy could not be built
+            with run.recording():
+                run.begin()
     for i in range(runs[0].scenario.n_experiences):
         live = [run for run in runs if run.running]
         if not live:

@@ -187,6 +187,8 @@ class StackedRuns:
     def _stack(self) -> None:
         """Stack the members' parameters and buffers (members' tensors become views of the stack), the
         objective's member state, and an optimizer over the stack with the members' state."""
+        for member in self.members:  # each run's own optimizer, as when it trains alone (its hooks may read it)
+            member._prepare_optimizer()
         models = [m.model for m in self.members]
         for model in models[1:]:
             if [n for n, _ in model.named_parameters()] != [n for n, _ in models[0].named_parameters()]:
@@ -232,10 +234,7 @@ class StackedRuns:
         clip = [m.training.grad_clip_norm for m in self.members]
         self._clip_norms = torch.tensor([c if c > 0 else float("inf") for c in clip], device=self.template.device) \
             if any(c > 0 for c in clip) else None
-        if self.own_optimizers:
-            for member in self.members:
-                member._prepare_optimizer()  # over its parameters, now views of its slices
-        else:
+        if not self.own_optimizers:  # else each member's optimizer steps its parameters, views of its slices
             self._build_optimizer()
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
 
@@ -247,7 +246,7 @@ class StackedRuns:
         groups = template._parameter_groups()
         stacked_groups = [{**g, "params": [self.parameters[by_id[id(p)]] for p in g["params"]]} for g in groups]
         self.optimizer = make_optimizer(stacked_groups, self.training, capturable=self.graphs is not None)
-        if self.training.optimizer_policy != "keep" or template.optimizer is None:
+        if self.training.optimizer_policy != "keep":
             return
         member_params = zip(*[_optimized(m.optimizer) for m in self.members])
         for stacked, params in zip(_optimized(self.optimizer), member_params):

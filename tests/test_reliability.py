@@ -109,6 +109,30 @@ def test_a_failing_strategy_is_recorded_where_it_stopped(cli, tiny_raw, write_ex
     assert "failed" in (tmp_path / "board" / "results.csv").read_text()
 
 
+@pytest.mark.parametrize("stack", [True, False])
+@pytest.mark.parametrize("hook", ["setup", "incompatibility"])
+def test_a_strategy_that_cannot_be_built_fails_its_runs_and_the_others_still_run(
+        cli, tiny_raw, write_experiment, store_url, monkeypatch, stack, hook):
+    er = STRATEGIES.get("er").obj
+
+    def broken(*args):
+        raise RuntimeError(f"boom in {hook}")
+
+    monkeypatch.setattr(er, hook, classmethod(broken) if hook == "incompatibility" else broken)
+    raw = tiny_raw()
+    raw["seeds"] = [0, 1]
+    result = cli("run", write_experiment(raw), "--store", store_url, "--no-progress", *([] if stack else ["--no-stack"]))
+    assert result.rc == 1 and "2 of 6 runs did not complete" in result.err
+    assert f"failed before training: RuntimeError: boom in {hook}" in result.err
+    runs = ResultStore(store_url).records()
+    assert sorted((r.strategy, r.status) for r in runs) == [
+        ("er", "failed"), ("er", "failed"), ("joint", "completed"), ("joint", "completed"),
+        ("naive", "completed"), ("naive", "completed")]
+    failed = [r for r in runs if r.status == "failed"]
+    assert all(r.failure["experience"] == 0 and r.matrix[0][0] is None and r.metrics.acc is None for r in failed)
+    assert all(f"boom in {hook}" in r.failure["traceback"] for r in failed)
+
+
 def test_a_diverging_pretraining_stops_with_one_line(cli, tmp_path):
     (tmp_path / "pre.toml").write_text(
         f'name = "p"\nseed = 0\noutput = "{tmp_path / "p.pt"}"\n[dataset]\nname = "digits"\n[model]\nname = "mlp"\n'

@@ -165,6 +165,27 @@ def test_run_experiment_stacks_seeds_and_stores_each_run(tmp_path):
     assert len({r.metrics.acc for r in stacked if r.strategy == "er"}) == 3  # three different runs
 
 
+def test_hooks_of_stacked_runs_see_their_own_optimizer(monkeypatch):
+    """A per-run hook may read self.optimizer (e.g. its learning rate) in every experience, stacked too."""
+    seen = []
+    er = STRATEGIES.get("er").obj
+    original = er.after_step
+
+    def reads_optimizer(self, batch, out):
+        seen.append((self.experience.id, self.optimizer.param_groups[0]["lr"],
+                     {id(p) for g in self.optimizer.param_groups for p in g["params"]} ==
+                     {id(p) for p in self.model.parameters()}))
+        original(self, batch, out)
+
+    monkeypatch.setattr(er, "after_step", reads_optimizer)
+    cfg = digits_experiment([{"name": "er"}], hidden=[16], seeds=[0, 1], n_experiences=2)
+    runs = run_stacked(cfg, cfg.strategies[0], [build_scenario(cfg, load_datasets(cfg.datasets), s) for s in (0, 1)],
+                       [0, 1], CPU, progress=False)
+    assert [r.status for r in runs] == ["completed", "completed"]
+    assert {experience for experience, _, _ in seen} == {0, 1}
+    assert all(lr == cfg.training.lr and own for _, lr, own in seen)
+
+
 def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():
     cfg = digits_experiment([{"name": "er"}], seeds=SEEDS)
     datasets = load_datasets(cfg.datasets)

@@ -278,6 +278,11 @@ def default_storage(store_url: str) -> str:
     return "sqlite:///results/sweeps.db"
 
 
+def trial_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    """TPE after 8 random trials; `constant_liar` keeps concurrent workers from proposing the same point."""
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=8)
+
+
 def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sampler_seed: int | None = None,
                create: bool = True) -> optuna.Study:
     """The study in its storage (created when missing and `create`), with heartbeats, one retry of a trial
@@ -300,17 +305,22 @@ def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sample
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
                "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
                "none": lambda: optuna.pruners.NopPruner()}
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True, n_startup_trials=8)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if create:
         study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.direction,
-                                    sampler=sampler, pruner=pruners[pruner](), load_if_exists=True)
+                                    sampler=trial_sampler(None), pruner=pruners[pruner](), load_if_exists=True)
     else:
         try:
-            study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler,
+            study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=trial_sampler(None),
                                       pruner=pruners[pruner]())
         except KeyError:
             raise UserError(f"no study {sweep.study_name!r} in {url}; run `cl sweep` first, or pass --study") from None
+    if sampler_seed is not None:
+        # A continued study (a higher --trials, a restart after a kill) must not draw its first trials
+        # again: the sampler's stream also depends on how many trials the study holds already.
+        before = len(study.get_trials(deepcopy=False))
+        study.sampler = trial_sampler(sampler_seed if before == 0 else
+                                      int(np.random.SeedSequence([sampler_seed, before]).generate_state(1)[0]))
     known = study.user_attrs.get("sweep")
     if known is None:
         study.set_user_attr("sweep", sweep.identity())

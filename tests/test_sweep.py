@@ -161,6 +161,18 @@ def test_stacked_trials_give_the_values_of_the_trials_run_one_by_one(tmp_path):
     assert {r.evaluated_on for r in runs} == {"validation"}
 
 
+def test_a_continued_study_draws_new_trials(tmp_path):
+    """Raising --trials (or restarting after a kill) continues the study: the trials it adds are new
+    draws, not the study's first trials again. A new study with the same seed draws the same trials."""
+    path = experiment_file(tmp_path, experiences=2)
+    run_sweep(tmp_path, path, 2, "continued")
+    study = run_sweep(tmp_path, path, 4, "continued")
+    params = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
+    assert len(params) == 4 and params[2] not in params[:2] and params[3] not in params[:2]
+    again = run_sweep(tmp_path, path, 2, "again")
+    assert [t.params for t in sorted(again.trials, key=lambda t: t.number)] == params[:2]
+
+
 def test_the_objective_never_reads_the_test_stream(tmp_path, monkeypatch):
     """Poison the test labels: a sweep's values do not move (a test run's do)."""
     path = experiment_file(tmp_path, experiences=3)

@@ -188,7 +188,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from cl.leaderboard import generate
     from cl.store import ResultStore
 
-    paths = generate(ResultStore(args.store), args.out, plots=not args.no_plots)
+    paths = generate(ResultStore(args.store, must_exist=True), args.out, plots=not args.no_plots)
     print(f"leaderboard written: {', '.join(str(p) for p in paths)}")
     return 0
 

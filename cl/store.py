@@ -51,6 +51,21 @@ runs = sa.Table(
 COLUMNS = [c.name for c in runs.c if c.name not in ("id", "record")]
 
 
+def sqlite_file(url: sa.engine.URL) -> Path | None:
+    """The file of an SQLite store (None for other databases and in-memory ones). With `?uri=true` the
+    database part is an SQLite URI, `file:PATH?mode=ro`, whose path is the file."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    database = url.database
+    if url.query.get("uri") == "true" and database.startswith("file:"):
+        if url.query.get("mode") == "memory":
+            return None
+        database = database[len("file:"):]
+        if database.startswith("//"):  # file://host/path: the host is empty or localhost
+            database = "/" + database[2:].partition("/")[2]
+    return Path(database)
+
+
 class ResultStore:
     def __init__(self, url: str = DEFAULT_STORE, must_exist: bool = False, busy_timeout: float = 60.0):
         """Open (and create, unless `must_exist`: the reading commands never create a store at a
@@ -62,19 +77,19 @@ class ResultStore:
         except ArgumentError:
             raise UserError(f"store URL {url!r} is not an SQLAlchemy URL; "
                             f"use e.g. {DEFAULT_STORE} or postgresql://user@host/db") from None
-        on_disk = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
-        if must_exist and on_disk and not Path(parsed.database).is_file():
-            raise UserError(f"no result store at {parsed.database}; check --store, or create it with `cl run`")
+        database = sqlite_file(parsed)
+        if must_exist and database is not None and not database.is_file():
+            raise UserError(f"no result store at {database}; check --store, or create it with `cl run`")
         try:
-            if on_disk:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if database is not None:
+                database.parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(parsed, connect_args={"timeout": busy_timeout}) \
                 if parsed.get_backend_name() == "sqlite" else sa.create_engine(parsed)
-            home = Path(parsed.database).parent if on_disk else Path("results")
+            home = database.parent if database is not None else Path("results")
             self.spill_dir = home / "unsaved"  # runs the store refused (cl import)
             # Unfinished runs (cl run --resume), one folder per store: two stores side by side (two
             # processes running one experiment into each) must not share checkpoint files.
-            self.checkpoint_root = home / "checkpoints" / (Path(parsed.database).stem if on_disk else "default")
+            self.checkpoint_root = home / "checkpoints" / (database.stem if database is not None else "default")
             metadata.create_all(self.engine)
             existing = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
         except ImportError as exc:  # the URL's database driver is not installed

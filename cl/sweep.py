@@ -289,7 +289,10 @@ def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sample
     whose worker died, a TPE sampler and the pruner."""
     url = sweep.storage
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url[len("sqlite:///"):])
+        if not create and not path.is_file():  # --best, --report: never create a storage at a mistyped path
+            raise UserError(f"no sweep storage at {path}; run `cl sweep` first, or check --storage")
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with quiet_optuna():

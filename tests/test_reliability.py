@@ -144,7 +144,8 @@ def test_a_diverging_pretraining_stops_with_one_line(cli, tmp_path):
 
 def test_reading_commands_never_create_a_store_at_a_mistyped_path(cli, tmp_path):
     url = f"sqlite:///{tmp_path / 'typo' / 'cl.db'}"
-    for argv in (("runs", "--store", url), ("show", "1", "--store", url)):
+    for argv in (("runs", "--store", url), ("show", "1", "--store", url),
+                 ("leaderboard", "--store", url, "--out", tmp_path / "board")):
         result = cli(*argv)
         assert result.rc == 2 and "no result store at" in result.err
     assert not (tmp_path / "typo").exists()
@@ -155,15 +156,18 @@ def test_version_names_the_package_and_commit(cl_subprocess):
     assert result.returncode == 0 and result.stdout.startswith("cl-bench ")
 
 
-def test_a_read_only_store_is_refused_before_training(cli, tiny_raw, write_experiment, tmp_path):
+def test_a_read_only_store_is_refused_before_training(cli, tiny_raw, write_experiment, tmp_path, monkeypatch):
     from cl.store import ResultStore
     path = tmp_path / "ro.db"
     ResultStore(f"sqlite:///{path}")
     url = f"sqlite:///file:{path}?mode=ro&uri=true"  # read-only even for root, who ignores file modes
+    monkeypatch.chdir(tmp_path / "..")
     result = cli("run", write_experiment(tiny_raw()), "--store", url, "--no-progress")
     assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
     assert "cannot be written" in result.err and "readonly" in result.err
     assert "run " not in result.out  # nothing trained
+    assert not (tmp_path / ".." / "file:").exists()  # the URI's path is the file, not a folder to create
+    assert cli("runs", "--store", url).rc == 0  # and the reading commands find it
 
 
 def test_a_lock_held_for_a_while_is_waited_for(cli, tiny_raw, write_experiment, store_url, tmp_path):

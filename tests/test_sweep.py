@@ -262,6 +262,9 @@ def test_best_writes_an_experiment_for_cl_run_and_report_plots(tmp_path, capsys)
     assert "sweeps {'experiment'" in capsys.readouterr().err
     assert main(["sweep", *common]) == 2  # no --trials
     assert main(["sweep", *common, "--best"]) == 2  # no --out
+    typo = [*common[:-4], "--storage", f"sqlite:///{tmp_path / 'typo' / 'sweeps.db'}", *common[-2:]]
+    assert main(["sweep", *typo, "--best", "--out", str(tmp_path / "b.toml")]) == 2
+    assert "no sweep storage at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     two = tmp_path / "two" / "sweep.toml"
     two.parent.mkdir()
     two.write_text(path.read_text().replace('name = "naive"', 'name = "er"\nbuffer_size = {choices = [50, 100]}'))

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the workers of --workers K
 
     pre = sub.add_parser("pretrain", help="train a backbone on a source dataset and save it as a checkpoint")
-    pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain_vit_mnist5k.toml")
+    pre.add_argument("file", help="pretraining TOML file, e.g. experiments/pretrain/vit_mnist5k.toml")
     pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a value, e.g. training.epochs=5")
     pre.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

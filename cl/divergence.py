@@ -100,4 +100,5 @@ def learned_nothing(accuracy: float, majority_share: float, margin: float) -> st
     if margin < 0 or accuracy > majority_share + margin:
         return None
     return (f"after training, accuracy on the experience is {accuracy:.3f}, no better than always answering its "
-            f"most common class ({majority_share:.3f}); lower training.lr or check the data")
+            f"most common class ({majority_share:.3f}); change training.lr (too high collapses to one "
+            f"class, too low learns nothing) or check the data")

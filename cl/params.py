@@ -50,10 +50,15 @@ def range_text(bounds: dict[str, float]) -> str:
     lower = ("[", bounds["low"]) if "low" in bounds else ("(", bounds["above"]) if "above" in bounds else None
     upper = ("]", bounds["high"]) if "high" in bounds else (")", bounds["below"]) if "below" in bounds else None
     if lower and upper:
-        return f"in {lower[0]}{lower[1]:g}, {upper[1]:g}{upper[0]}"
+        return f"in {lower[0]}{_bound(lower[1])}, {_bound(upper[1])}{upper[0]}"
     if lower:
-        return f"{'>=' if lower[0] == '[' else '>'} {lower[1]:g}"
-    return f"{'<=' if upper[0] == ']' else '<'} {upper[1]:g}"
+        return f"{'>=' if lower[0] == '[' else '>'} {_bound(lower[1])}"
+    return f"{'<=' if upper[0] == ']' else '<'} {_bound(upper[1])}"
+
+
+def _bound(value: float) -> str:
+    """A range bound as written: whole numbers in full (2**32, not 4.29497e+09), others short."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e18 else f"{value:g}"
 
 
 def _numbers(value: Any) -> list[float]:

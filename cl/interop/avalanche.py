@@ -98,9 +98,10 @@ class AvalancheParams:
 
 @register_strategy("avalanche", params=AvalancheParams)
 class AvalancheStrategy(Strategy):
-    """Avalanche's own strategy (its training loop, plugins and buffers), trained on our experiences with
-    our model, optimizer settings (training.lr, momentum, ...), batch size and epochs; evaluated by our
-    evaluator. Avalanche's data loaders shuffle with torch's global generator, which this strategy
+    """Avalanche's own strategy class (Naive, Replay, GEM, ...) trained on our stream, evaluated by ours.
+
+    Its training loop, plugins and buffers run on our experiences with our model, optimizer settings
+    (training.lr, momentum, ...), batch size and epochs; our evaluator measures it. Avalanche's data loaders shuffle with torch's global generator, which this strategy
     seeds from the run's seed before each experience (and restores afterwards)."""
 
     param_aliases = {"class": "class_name"}  # `class` is the natural key, but a Python keyword

@@ -198,24 +198,36 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         if not ok:
             raise UserError(f"{where}: {key} must be {type_name(hints[key])}, got {value!r}")
         kwargs[key] = converted
+    declared = f"{cls.__module__}.{cls.__qualname__}"
+    for f in dataclasses.fields(cls):  # the defaults a file did not override pass the same checks
+        if f.name in values or _is_required(f):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        ok, converted = _check(default, hints[f.name])
+        if not ok:
+            raise UserError(f"{where}: the default of {f.name} ({default!r}) is not {type_name(hints[f.name])}; "
+                            f"fix its declaration in {declared}")
+        kwargs[f.name] = converted
     instance = cls(**kwargs)
-    check_params(instance, where)
+    check_params(instance, where, defaults=[name for name in names if name not in values], declared=declared)
     return instance
 
 
-def check_params(instance: Any, where: str) -> None:
+def check_params(instance: Any, where: str, defaults: list[str] = (), declared: str = "") -> None:
     """Every number of `instance` finite and in its field's declared range, then its `validate()`;
-    a UserError naming the field otherwise. `build_params` runs it; so can code that builds
+    a UserError naming the field otherwise (for a field in `defaults`, which the user did not set, the
+    declaration in `declared` is to blame). `build_params` runs it; so can code that builds
     parameters itself."""
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
         numbers = _numbers(value)
+        fix = f" (its default; fix its declaration in {declared})" if f.name in defaults else ""
         if not all(math.isfinite(x) for x in numbers):
-            raise UserError(f"{where}: {f.name} must be finite, got {value!r}; give a number")
+            raise UserError(f"{where}: {f.name} must be finite, got {value!r}{fix or '; give a number'}")
         bounds = f.metadata.get("bounds")
         if bounds and not all(_in_range(x, bounds) for x in numbers):
             each = " (each value)" if isinstance(value, (list, dict)) else ""
-            raise UserError(f"{where}: {f.name} must be {range_text(bounds)}{each}, got {value!r}")
+            raise UserError(f"{where}: {f.name} must be {range_text(bounds)}{each}, got {value!r}{fix}")
     validate = getattr(instance, "validate", None)
     if callable(validate):
         try:

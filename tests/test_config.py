@@ -469,3 +469,33 @@ def test_required_parameter_missing_is_a_one_line_error():
     assert "add strength = ... to its table" in message
     assert build_params(Needs, {"strength": 2}, "strategy 'x'").strength == 2.0
     assert [r["required"] for r in describe_params(Needs)] == [True, False]
+
+
+def test_defaults_a_file_does_not_set_pass_the_same_checks_and_blame_the_declaration():
+    import dataclasses
+
+    from cl.params import build_params, param
+
+    @dataclasses.dataclass
+    class Declared:
+        size: int = param(8, "a size", low=1)
+        ratio: float = param(1, "a ratio")
+
+    built = build_params(Declared, {}, "strategy 'x'")
+    assert built.ratio == 1.0 and isinstance(built.ratio, float)  # converted like a value from a file
+
+    @dataclasses.dataclass
+    class WrongType:
+        size: int = param("lots", "a size")
+
+    @dataclasses.dataclass
+    class OutOfRange:
+        size: int = param(-5, "a size", low=1)
+
+    declared = f"{__name__}.test_defaults_a_file_does_not_set_pass_the_same_checks_and_blame_the_declaration"
+    with pytest.raises(UserError, match=re.escape(f"the default of size ('lots') is not int; fix its declaration "
+                                                  f"in {declared}.<locals>.WrongType")):
+        build_params(WrongType, {}, "strategy 'x'")
+    with pytest.raises(UserError, match=r"size must be >= 1, got -5 \(its default; fix its declaration in .*OutOfRange"):
+        build_params(OutOfRange, {}, "strategy 'x'")
+    assert build_params(OutOfRange, {"size": 3}, "strategy 'x'").size == 3  # a file's value replaces it

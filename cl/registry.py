@@ -48,8 +48,8 @@ class Registry:
                 raise TypeError(f"{self.kind} {name!r}: params must be a dataclass, got {p!r}")
             existing = self._entries.get(name)
             if existing is not None and _qualified(existing.obj) != _qualified(obj):
-                raise ValueError(f"{self.kind} {name!r} is registered twice ({_qualified(existing.obj)} and "
-                                 f"{_qualified(obj)}); give one of them another name")
+                raise NameClash(f"{self.kind} {name!r} is registered twice: by {_origin(existing.obj)} and by "
+                                f"{_origin(obj)}; rename the plugin's (its @register_{self.kind}(...) name)")
             doc = inspect.getdoc(obj) or ""
             self._entries[name] = Entry(name, obj, p, doc.strip().splitlines()[0] if doc else "",
                                         obj.__module__)
@@ -69,6 +69,8 @@ class Registry:
         for ep in points:
             try:
                 ep.load()
+            except NameClash as exc:  # whichever loads second is not the one to blame
+                raise UserError(str(exc)) from None
             except Exception as exc:  # say which plugin is broken instead of a traceback
                 raise UserError(f"plugin entry point {ep.name!r} ({ep.value}) in group {self.group} "
                                 f"failed to import: {exc}; fix or uninstall that package") from None
@@ -88,6 +90,18 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
+
+
+class NameClash(ValueError):
+    """Two different objects registered under one name."""
+
+
+def _origin(obj: Any) -> str:
+    """`module.qualname (package name version)`, for saying where a registered object comes from."""
+    from cl.provenance import package_of
+
+    package = package_of(obj.__module__)
+    return _qualified(obj) + (f" (package {package['name']} {package['version']})" if package else "")
 
 
 def _qualified(obj: Any) -> str:

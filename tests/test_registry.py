@@ -53,5 +53,30 @@ def test_two_objects_under_one_name_is_an_error():
     registry = Registry("gadget", "test.gadgets", "gadgets")
     registry.register("thing", params=NoParams)(First)
     registry.register("thing", params=NoParams)(First)  # the same object again (a re-import) is fine
-    with pytest.raises(ValueError, match="'thing' is registered twice .*First and .*Second"):
+    with pytest.raises(ValueError, match="'thing' is registered twice: by .*First.* and by .*Second.*; rename the "
+                                         "plugin's"):
         registry.register("thing", params=NoParams)(Second)
+
+
+class ClashingPlugin:
+    """An entry point whose module registers a name another package has taken."""
+
+    name, value, group = "clash", "someone_elses.plugin", "test.gadgets"
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def load(self):
+        self.registry.register("thing", params=NoParams)(Second)
+
+
+def test_a_plugin_taking_a_built_in_name_is_one_line_naming_both(monkeypatch):
+    """The clash is reported as such, not as the entry point that happened to load second having failed."""
+    registry = Registry("gadget", "test.gadgets", "gadgets")
+    registry.register("thing", params=NoParams)(First)
+    monkeypatch.setattr(cl.registry, "entry_points", fake_entry_points([ClashingPlugin(registry)]))
+    with pytest.raises(UserError) as raised:
+        registry.get("thing")
+    message = str(raised.value)
+    assert "failed to import" not in message and "fix or uninstall" not in message
+    assert "registered twice: by tests.test_registry.First" in message and "tests.test_registry.Second" in message

@@ -398,11 +398,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {key:<12} {_number(value):>10}{extra}")
     if run.logs:
         print("\nlogged by the strategy (mean per experience):")
+        width = max(12, *map(len, run.logs))
         for name, values in run.logs.items():
-            print(f"  {name:<12} " + " ".join(f"{_number(v):>9}" for v in values))
+            print(f"  {name:<{width}} " + " ".join(f"{_number(v):>9}" for v in values))
     b = run.budgets
-    stacked = f", trained stacked with {b.stacked_runs - 1} other runs" if b.stacked_runs > 1 else ""
-    print(f"\nbudgets: wall {b.wall_seconds:.1f}s (eval {b.eval_seconds:.1f}s{stacked}), "
+    wall = f"wall {b.wall_seconds:.1f}s" if b.stacked_runs == 1 else \
+        f"wall {b.wall_seconds / b.stacked_runs:.1f}s (its share of {b.wall_seconds:.1f}s for {b.stacked_runs} runs " \
+        f"trained stacked)"
+    print(f"\nbudgets: {wall}, eval {b.eval_seconds:.1f}s, "
           f"memory {b.memory_bytes} B, model {b.model_bytes} B, scenario data {b.scenario_bytes} B, "
           f"forward {b.forward_samples} / backward {b.backward_samples} / eval {b.eval_forward_samples} samples")
     if run.model_stats:

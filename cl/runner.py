@@ -475,7 +475,8 @@ def describe_run(record: RunRecord) -> str:
         return f"{head}  {record.stopped()}"
     m = record.metrics
     b = record.budgets
-    time = f"{b.wall_seconds:.1f}s" if b.stacked_runs == 1 else f"{b.wall_seconds:.1f}s for {b.stacked_runs} stacked"
+    time = f"{b.wall_seconds:.1f}s" if b.stacked_runs == 1 else \
+        f"{b.wall_seconds / b.stacked_runs:.1f}s ({b.wall_seconds:.1f}s for {b.stacked_runs} stacked)"
     return f"{head}  ACC {_fmt(m.acc)}  BWT {_fmt(m.bwt)}  {time}"
 
 

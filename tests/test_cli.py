@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,18 @@ def test_rerun_replaces_runs(run_tiny, stored, tiny_raw):
     # a changed hyperparameter is a different run
     assert run_tiny(tiny_raw(strategies=[{"name": "naive"}]), "--set", "training.lr=0.05").rc == 0
     assert len(stored()) == 2
+
+
+def test_a_stacked_run_shows_its_share_of_the_wall_time(run_tiny, tiny_raw, cli, store_url, stored):
+    raw = tiny_raw(strategies=[{"name": "er", "buffer_size": 50}])
+    raw["seeds"] = [0, 1]
+    result = run_tiny(raw)
+    assert result.rc == 0, result.err
+    run = stored()[0]
+    share, group = map(float, re.search(r"([\d.]+)s \(([\d.]+)s for 2 stacked\)", result.out).groups())
+    assert share == pytest.approx(group / 2, abs=0.06) and share == pytest.approx(run["wall_seconds"], abs=0.06)
+    shown = cli("show", run["id"], "--store", store_url).out
+    assert f"budgets: wall {share:.1f}s (its share of {group:.1f}s for 2 runs trained stacked)" in shown
 
 
 def test_show_prints_matrix_with_init_row(run_tiny, cli, store_url, stored):

@@ -432,6 +432,10 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
         if graphs and not graphed:
             log(f"cuda graphs: {component.label} runs eagerly: "
                 f"{graph_problem(STRATEGIES.get(component.name).obj, device)}")
+        strategy_class = STRATEGIES.get(component.name).obj
+        unstackable = stacking_problem(strategy_class, backbone)
+        if stack and len(pending) > 1 and strategy_class.stackable and unstackable is not None:
+            log(f"{component.label}: its runs train one by one, not stacked: {unstackable}")
         resumed = {seed for seed in pending if resume and folders[seed].exists()}
         for group in stack_groups(component, pending, scenarios, stack, resumed, backbone):
             if len(group) == 1 and not (graphed and group[0] not in resumed):

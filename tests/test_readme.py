@@ -14,14 +14,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 @pytest.fixture(scope="module")
 def readme_strategies():
-    """Execute the python blocks of "Writing a strategy" in order, in one namespace."""
+    """Execute the python blocks of "Writing a strategy", each in a namespace of its own (a reader copies
+    one block into a module: it must import what it uses)."""
     section = README.read_text().split("## Writing a strategy", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     namespace: dict = {"__name__": "readme_example"}
     try:
         for block in blocks:
-            exec(compile(block, "README.md", "exec"), namespace)
+            own: dict = {"__name__": "readme_example"}
+            exec(compile(block, "README.md", "exec"), own)
+            namespace.update(own)
         yield namespace
     finally:
         for name in ("l2_anchor", "logit_replay"):

@@ -186,6 +186,16 @@ def test_hooks_of_stacked_runs_see_their_own_optimizer(monkeypatch):
     assert all(lr == cfg.training.lr and own for _, lr, own in seen)
 
 
+def test_a_stackable_strategy_that_cannot_stack_says_why(monkeypatch, tmp_path):
+    er = STRATEGIES.get("er").obj
+    monkeypatch.setattr(er, "loss", lambda self, batch: Strategy.loss(self, batch))  # a custom loss: no stacking
+    cfg = digits_experiment([{"name": "er", "buffer_size": 50}], hidden=[16], seeds=[0, 1], n_experiences=2)
+    lines = []
+    records = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU, progress=False, log=lines.append)
+    assert "er: its runs train one by one, not stacked: it overrides loss()" in lines
+    assert [r.budgets.stacked_runs for r in records] == [1, 1]
+
+
 def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():
     cfg = digits_experiment([{"name": "er"}], seeds=SEEDS)
     datasets = load_datasets(cfg.datasets)

@@ -83,7 +83,8 @@ def format_comparison(rows: list[dict[str, Any]], setting: str) -> str:
     headers, lines = comparison_table(rows, setting)
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    note = "mean ± standard deviation over seeds (the leaderboard gives 95% confidence half-widths)"
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines] + [note])
 
 
 def mean_std(mean: float, std: float, digits: int) -> str:

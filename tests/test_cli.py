@@ -30,6 +30,8 @@ def test_run_prints_comparison_and_stores_each_strategy(run_tiny, stored, store_
     for column in ("seeds", "ACC", "task-IL ACC", "BWT", "Forgetting", "task-IL FWT", "time s", "memory MiB"):
         assert column in header
     table = result.out[result.out.index(header):].splitlines()[2:]
+    note = "mean ± standard deviation over seeds (the leaderboard gives 95% confidence half-widths)"
+    table = table[:table.index(note)]  # what ± means follows the rows
     assert sorted(line.split()[0] for line in table) == ["er", "joint", "naive"]
     for line in table:
         assert line.split()[1] == "1"  # one seed each

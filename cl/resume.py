@@ -11,10 +11,12 @@ is refused, naming what changed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,13 @@ def run_folder(root: Path, experiment: str, label: str, seed: int) -> Path:
     digest = hashlib.sha256(repr((experiment, label, seed)).encode()).hexdigest()[:8]
     readable = [re.sub(r"[^A-Za-z0-9_.-]+", "-", part).strip("-.")[:60] or "x" for part in (experiment, label)]
     return root / readable[0] / f"{readable[1]}-seed{seed}-{digest}"
+
+
+def remove_run_folder(folder: Path) -> None:
+    """Delete a finished run's checkpoint folder, and its experiment's folder once that is empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: other runs of the experiment are unfinished
+        folder.parent.rmdir()
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

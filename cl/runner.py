@@ -7,7 +7,6 @@ import functools
 import hashlib
 import json
 import re
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +27,7 @@ from cl.metrics import compute_metrics
 from cl.params import params_to_dict
 from cl.provenance import code_version, package_of, provenance
 from cl.record import Budgets, Metrics, RunRecord
-from cl.resume import RunCheckpoint, run_folder
+from cl.resume import RunCheckpoint, remove_run_folder, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.training import ComputeCount
@@ -448,7 +447,7 @@ def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.d
             for seed, record in zip(group, finished):
                 stored = store.write_or_keep(record)
                 record.id = stored if isinstance(stored, int) else None
-                shutil.rmtree(folders[seed], ignore_errors=True)  # finished: in the store, or kept in a file
+                remove_run_folder(folders[seed])  # finished: in the store, or kept in a file
                 records.append(record)
                 log(describe_run(record) if record.id is not None else
                     f"{describe_run(record)}  NOT STORED (the store refused it): kept in {stored}")

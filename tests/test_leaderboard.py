@@ -15,7 +15,7 @@ import statistics
 
 from cl.leaderboard.plots import pareto_front
 from cl.leaderboard.published import published_for
-from cl.leaderboard.summary import Estimate, StrategyRow, mark_best_and_ties, slug
+from cl.leaderboard.summary import Estimate, StrategyRow, mark_best_and_ties
 
 T_975 = {1: 12.706, 2: 4.303}  # Student t quantiles, 0.975, for 1 and 2 degrees of freedom (printed tables)
 

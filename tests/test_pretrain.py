@@ -39,7 +39,7 @@ def pretraining_file(write_experiment, tmp_path, **changes):
 def test_cl_pretrain_writes_a_checkpoint_that_experiments_start_from(cli, write_experiment, tmp_path):
     result = cli("pretrain", pretraining_file(write_experiment, tmp_path), "--no-progress", "--device", "cpu")
     assert result.rc == 0, result.err
-    assert f"test accuracy" in result.out and str(tmp_path / "vit.pt") in result.out
+    assert "test accuracy" in result.out and str(tmp_path / "vit.pt") in result.out
     blob = torch.load(tmp_path / "vit.pt", weights_only=True)
     assert blob["format"] == "cl-pretrained-backbone/1" and blob["model"] == "vit"
     assert blob["params"]["width"] == 16 and blob["input_shape"] == [1, 8, 8]

@@ -98,7 +98,10 @@ class ResultStore:
                             f"pip install {DRIVER_PACKAGES.get(module, module)}, or use a sqlite:/// URL") from None
         except (SQLAlchemyError, OSError) as exc:
             first = str(exc).splitlines()[0]
-            raise UserError(f"cannot open result store {url!r}: {first}") from None
+            fix = f"; another program holds its lock: wait for it (cl run waits up to --busy-timeout, " \
+                  f"now {busy_timeout:g} s)" \
+                if "database is locked" in first else ""
+            raise UserError(f"cannot open result store {url!r}: {first}{fix}") from None
         missing = sorted(set(COLUMNS) - existing)
         if missing:
             raise UserError(f"result store {url!r} was written by an older cl (no column {', '.join(missing)}); "

@@ -37,6 +37,9 @@ IDX_FILES = {
 # ---------------------------------------------------------------- helpers
 
 
+REPLACE_FILE = "replace it with a good copy (download or install it again), or point data_dir elsewhere"
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an unsigned-byte IDX file (gzipped if the name ends in .gz).
 
@@ -46,19 +49,19 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:  # includes gzip.BadGzipFile, truncated .gz
-        raise UserError(f"cannot read IDX file {path}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot read IDX file {path}: {type(exc).__name__}: {exc}; {REPLACE_FILE}") from None
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise UserError(f"corrupt IDX file {path}: {len(raw)} bytes, shorter than its header")
+        raise UserError(f"corrupt IDX file {path}: {len(raw)} bytes, shorter than its header; {REPLACE_FILE}")
     magic = int.from_bytes(raw[:4], "big")
     if magic != 0x800 + ndim:
         raise UserError(f"corrupt IDX file {path}: magic number {magic:#010x}, "
-                        f"expected {0x800 + ndim:#010x} (unsigned byte, {ndim} dims)")
+                        f"expected {0x800 + ndim:#010x} (unsigned byte, {ndim} dims); {REPLACE_FILE}")
     shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
         raise UserError(f"corrupt IDX file {path}: header says shape {shape} ({expected} bytes) "
-                        f"but {len(raw) - header} bytes follow (truncated download?)")
+                        f"but {len(raw) - header} bytes follow (truncated download?); {REPLACE_FILE}")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 

@@ -245,3 +245,17 @@ def test_result_does_not_depend_on_other_strategies_in_the_experiment(tmp_path, 
     assert records[2].matrix == record.matrix
     assert records[2].run_key == record.run_key
     assert [r["id"] for r in store.list_runs()] == [r.id for r in records]
+
+
+def test_a_store_locked_at_opening_is_one_line_that_says_what_to_do(tmp_path):
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # a new store: its tables cannot be created while another holds the lock
+    try:
+        with pytest.raises(UserError) as raised:
+            ResultStore(f"sqlite:///{path}", busy_timeout=0.1)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    message = str(raised.value)
+    assert "database is locked" in message and "--busy-timeout, now 0.1 s" in message and "\n" not in message

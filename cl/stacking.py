@@ -237,6 +237,10 @@ class StackedRuns:
         if not self.own_optimizers:  # else each member's optimizer steps its parameters, views of its slices
             self._build_optimizer()
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
+        # Kept per-run data that member_state does not list: hidden from the template while it stands for
+        # every member, so an objective that reads it fails instead of giving every run the first run's.
+        self._hidden = [name for name in template.kept
+                        if name not in template.member_state and _per_run(getattr(template, name, None))]
 
     def _build_optimizer(self) -> None:
         """One optimizer over the stack: the template's parameter groups, each member parameter replaced
@@ -357,11 +361,20 @@ class StackedRuns:
                 saved["params"] = template.params
                 template.params = _with_values(template.params, {
                     name: batched(value, level) for name, value in self._varying_values.items()})
+            hidden = {name: template.__dict__.pop(name) for name in self._hidden if name in template.__dict__}
             try:
                 for name, value in self.state.items():
                     setattr(template, name, _leafwise(lambda t: batched(t[0], level), [value]))
                 yield level
+            except AttributeError as exc:
+                if exc.name not in hidden:
+                    raise
+                strategy = type(template).__name__
+                raise ValueError(f"{strategy}.objective reads self.{exc.name}, which member_state does not list: "
+                                 f"stacked runs would all read the first run's; add {exc.name!r} to "
+                                 f"{strategy}.member_state (or train unstacked: --no-stack)") from None
             finally:
+                template.__dict__.update(hidden)
                 for name, value in saved.items():
                     setattr(template, name, value)
 
@@ -434,6 +447,18 @@ class StackedRuns:
         scale = (self._clip_norms / (norms + 1e-6)).clamp(max=1.0)  # no clipping: max norm inf
         for g in grads:
             g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
+def _per_run(value: Any) -> bool:
+    """Whether a kept value is data of its own run: tensors, modules, objects with state (a buffer), or
+    containers of them (not plain numbers, flags or lists of ids, which stacked runs share)."""
+    if isinstance(value, (torch.Tensor, nn.Module)) or hasattr(value, "state_dict"):
+        return True
+    if isinstance(value, dict):
+        return any(_per_run(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_per_run(v) for v in value)
+    return False
 
 
 def _with_values(params: Any, values: dict[str, Any]) -> Any:

@@ -14,7 +14,7 @@ from cl.runner import (build_scenario, build_strategy, load_datasets, run_experi
                        stack_signature)
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
-from cl.strategy import Strategy
+from cl.strategy import StepOutput, Strategy
 from tests.helpers import CPU, digits_experiment
 
 STACKABLE = ["naive", "er", "agem", "der", "der_pp", "lwf", "ewc", "si"]
@@ -194,6 +194,33 @@ def test_a_stackable_strategy_that_cannot_stack_says_why(monkeypatch, tmp_path):
     records = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU, progress=False, log=lines.append)
     assert "er: its runs train one by one, not stacked: it overrides loss()" in lines
     assert [r.budgets.stacked_runs for r in records] == [1, 1]
+
+
+def test_an_objective_reading_per_run_state_outside_member_state_is_refused(monkeypatch):
+    """Kept per-run tensors the objective reads must be in member_state; forgetting that would give every
+    stacked run the first run's (silently wrong results), so it is an error naming the fix."""
+    er = STRATEGIES.get("er").obj
+    objective = er.objective
+
+    def reads_anchor(self, inputs):
+        out = objective(self, inputs)
+        return StepOutput(out.loss + 0.0 * self.anchor.sum(), logits=out.logits)
+
+    monkeypatch.setattr(er, "kept", ("buffer", "anchor", "steps_seen"))
+    monkeypatch.setattr(er, "objective", reads_anchor)
+    cfg = digits_experiment([{"name": "er"}], hidden=[16], seeds=SEEDS)
+    strategies, scenarios = members(cfg)
+    for k, strategy in enumerate(strategies):
+        strategy.anchor, strategy.steps_seen = torch.full((3,), float(k)), [0]  # a list of ints is shared state
+    with pytest.raises(ValueError, match=r"ExperienceReplay.objective reads self.anchor, which member_state does not "
+                                         r"list: .* add 'anchor' to ExperienceReplay.member_state"):
+        train_steps_stacked(strategies, [s.train[0] for s in scenarios], 5)
+    assert all(torch.equal(s.anchor, torch.full((3,), float(k))) for k, s in enumerate(strategies))  # put back
+    monkeypatch.setattr(er, "member_state", ("anchor",))
+    strategies, _ = members(cfg)
+    for k, strategy in enumerate(strategies):
+        strategy.anchor, strategy.steps_seen = torch.full((3,), float(k)), [0]
+    train_steps_stacked(strategies, [s.train[0] for s in scenarios], 5)  # declared: it trains
 
 
 def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():

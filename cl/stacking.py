@@ -366,6 +366,13 @@ class StackedRuns:
                 for name, value in self.state.items():
                     setattr(template, name, _leafwise(lambda t: batched(t[0], level), [value]))
                 yield level
+            except RuntimeError as exc:
+                first = (str(exc).strip().splitlines() or [""])[0]
+                if "vmap" not in first:
+                    raise
+                raise RuntimeError(f"{type(template).__name__}.objective broke a rule of stacked runs: {first[:300]}; "
+                                   f"draw random numbers in draw() and do not branch on tensor values (README: "
+                                   f"\"Stacked runs: draw and objective\"), or train unstacked: --no-stack") from None
             except AttributeError as exc:
                 if exc.name not in hidden:
                     raise

@@ -262,7 +262,22 @@ def test_objective_may_not_draw_random_numbers():
     strategies, scenarios = members(cfg, [0, 1])
     for s in strategies:
         s.__class__ = Noisy
-    with pytest.raises(RuntimeError, match="random"):
+    with pytest.raises(RuntimeError, match=r"Noisy.objective broke a rule of stacked runs: vmap: .*random.*; draw "
+                                           r"random numbers in draw\(\)"):
+        train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
+
+
+def test_objective_may_not_branch_on_tensor_values():
+    class Branching(STRATEGIES.get("naive").obj):
+        def objective(self, inputs):
+            out = super().objective(inputs)
+            return out if out.loss > 0 else out  # data-dependent control flow
+    cfg = digits_experiment([{"name": "naive"}], hidden=[16])
+    strategies, scenarios = members(cfg, [0, 1])
+    for s in strategies:
+        s.__class__ = Branching
+    with pytest.raises(RuntimeError, match=r"Branching.objective broke a rule of stacked runs: .*do not branch on "
+                                           r"tensor values"):
         train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
 
 

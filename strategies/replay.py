@@ -15,7 +15,6 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from cl.buffers import Buffer, ClassBalanced, Reservoir
 from cl.data import Experience, StreamInfo

@@ -30,9 +30,9 @@ from cl.record import Budgets, Metrics, RunRecord
 from cl.resume import RunCheckpoint, remove_run_folder, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
-from cl.training import ComputeCount
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
+from cl.training import ComputeCount
 from cl.transforms import InputPipeline, channel_statistics
 from cl.validation import validation_scenario
 

@@ -253,31 +253,29 @@ def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():
     assert stacking_problem(Overriding) == "it overrides loss()"
 
 
-def test_objective_may_not_draw_random_numbers():
-    """vmap refuses random draws in the objective: they belong in draw(), on the member's own stream."""
-    class Noisy(STRATEGIES.get("naive").obj):
-        def objective(self, inputs):
-            return super().objective({**inputs, "x": inputs["x"] + torch.randn_like(inputs["x"])})
+class Noisy(STRATEGIES.get("naive").obj):
+    def objective(self, inputs):
+        return super().objective({**inputs, "x": inputs["x"] + torch.randn_like(inputs["x"])})
+
+
+class Branching(STRATEGIES.get("naive").obj):
+    def objective(self, inputs):
+        out = super().objective(inputs)
+        return out if out.loss > 0 else out  # data-dependent control flow
+
+
+@pytest.mark.parametrize("cls, message", [
+    (Noisy, r"Noisy.objective broke a rule of stacked runs: vmap: .*random.*; draw random numbers in draw\(\)"),
+    (Branching, r"Branching.objective broke a rule of stacked runs: .*do not branch on tensor values"),
+])
+def test_objective_may_not_draw_random_numbers_or_branch_on_tensors(cls, message):
+    """vmap refuses both: random draws belong in draw(), on the member's own stream; branches on tensor
+    values would differ between the runs. The error names the rule."""
     cfg = digits_experiment([{"name": "naive"}], hidden=[16])
     strategies, scenarios = members(cfg, [0, 1])
     for s in strategies:
-        s.__class__ = Noisy
-    with pytest.raises(RuntimeError, match=r"Noisy.objective broke a rule of stacked runs: vmap: .*random.*; draw "
-                                           r"random numbers in draw\(\)"):
-        train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
-
-
-def test_objective_may_not_branch_on_tensor_values():
-    class Branching(STRATEGIES.get("naive").obj):
-        def objective(self, inputs):
-            out = super().objective(inputs)
-            return out if out.loss > 0 else out  # data-dependent control flow
-    cfg = digits_experiment([{"name": "naive"}], hidden=[16])
-    strategies, scenarios = members(cfg, [0, 1])
-    for s in strategies:
-        s.__class__ = Branching
-    with pytest.raises(RuntimeError, match=r"Branching.objective broke a rule of stacked runs: .*do not branch on "
-                                           r"tensor values"):
+        s.__class__ = cls
+    with pytest.raises(RuntimeError, match=message):
         train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
 
 

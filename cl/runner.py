@@ -102,9 +102,9 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     n_parameters = parameter_count(model) if available is not None else 0
     for component in config.strategies if components is None else components:
         strategy = STRATEGIES.get(component.name).obj
+        problem = None
         try:
-            stored, problem = strategy.stored_samples(component.params, stream), None
-            need, what = lower_bound(n_parameters, stream, stored)
+            need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
             if available is None or need <= available:  # first: incompatibility() may build the model
                 problem = strategy.incompatibility(component.params, stream, model)
         except Exception:  # a plugin's bug: when this strategy is built for a run, that run fails with it

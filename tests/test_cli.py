@@ -267,7 +267,8 @@ def test_hnet_refuses_a_target_with_batch_norm_in_one_line(run_tiny, tiny_raw, s
                    "rotated": "max_angle (float, default 180.0)", "blurry": "overlap (float in [0, 1], default 0.1)",
                    "domain_incremental": "resize (bool, default True)"}),
     ("datasets", {"digits": "test_fraction (float in (0, 1), default 0.2)", "fashion_mnist": "data_dir (str, default",
-                  "mnist": "data_dir (str, default 'data/mnist')", "cifar10": "data_dir", "mnist1d": "n_samples (int in [10, 10000000], default 5000)"}),
+                  "mnist": "data_dir (str, default 'data/mnist')", "cifar10": "data_dir",
+                  "mnist1d": "n_samples (int in [10, 10000000], default 5000)"}),
     ("models", {"mlp": "hidden (list[int] >= 1, default [100, 100])",
                 "cnn": "channels (list[int] >= 1, default [32, 64])", "resnet18_reduced": "width (int >= 1, default 20)"}),
 ])

@@ -101,8 +101,9 @@ class AvalancheStrategy(Strategy):
     """Avalanche's own strategy class (Naive, Replay, GEM, ...) trained on our stream, evaluated by ours.
 
     Its training loop, plugins and buffers run on our experiences with our model, optimizer settings
-    (training.lr, momentum, ...), batch size and epochs; our evaluator measures it. Avalanche's data loaders shuffle with torch's global generator, which this strategy
-    seeds from the run's seed before each experience (and restores afterwards)."""
+    (training.lr, momentum, ...), batch size and epochs; our evaluator measures it. Avalanche's data
+    loaders shuffle with torch's global generator, which this strategy seeds from the run's seed before
+    each experience (and restores afterwards)."""
 
     param_aliases = {"class": "class_name"}  # `class` is the natural key, but a Python keyword
     supported_models = ("mlp", "cnn", "resnet18_reduced")

@@ -49,7 +49,7 @@ def one(variant: str, seed: int, strategy: str, threads: int) -> list[dict]:
     """Train one strategy for one seed under one variant, in this process."""
     import torch
 
-    from cl.runner import run_experiment
+    from cl.runner import check_experiment, run_experiment
     from cl.store import ResultStore
 
     torch.set_num_threads(threads)
@@ -58,7 +58,8 @@ def one(variant: str, seed: int, strategy: str, threads: int) -> list[dict]:
     device = torch.device("cpu" if variant == "cpu" else "cuda")
     with tempfile.TemporaryDirectory() as folder:
         store = ResultStore(f"sqlite:///{Path(folder) / 'runs.db'}")
-        records = run_experiment(experiment(seed, variant == "cuda_tf32", strategy), store, device,
+        config = experiment(seed, variant == "cuda_tf32", strategy)
+        records = run_experiment(config, check_experiment(config, device), store, device,
                                  progress=False, log=lambda _: None)
     return [{"variant": variant, "seed": seed, "strategy": r.strategy, "status": r.status,
              "acc": r.metrics.acc, "task_il_acc": r.task_il_acc, "seconds": r.budgets.wall_seconds} for r in records]

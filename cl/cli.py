@@ -196,7 +196,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from cl.config import load_experiment
     from cl.report import format_comparison
-    from cl.runner import describe_run, resolve_device, run_experiment
+    from cl.runner import check_experiment, describe_run, resolve_device, run_experiment
     from cl.store import ResultStore
 
     configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
@@ -209,14 +209,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.cuda_graphs and device.type != "cuda":
         raise UserError(f"--cuda-graphs needs a CUDA device, but the runs would go to {device.type}; "
                         f"add --device cuda or leave --cuda-graphs out")
+    threads.claim(args.threads)
+    loaded = {}  # each dataset read once, though several files use it
+    datasets = [check_experiment(config, device, loaded) for config in configs]  # before the store is created
     store = ResultStore(args.store, busy_timeout=args.busy_timeout)
     store.check_writable()  # before anything trains
-    threads.claim(args.threads)
     records = []
-    for config in configs:
+    for config, data in zip(configs, datasets):
         print(f"experiment {config.name}: {len(config.strategies)} strategies x {len(config.seeds)} seeds "
               f"on {device}, results -> {args.store}", flush=True)
-        records += run_experiment(config, store, device, progress=not args.no_progress, resume=args.resume,
+        records += run_experiment(config, data, store, device, progress=not args.no_progress, resume=args.resume,
                                   stack=not args.no_stack, graphs=args.cuda_graphs)
     for config in configs:
         completed = [r for r in records if r.status == "completed" and r.experiment == config.name]
@@ -244,7 +246,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import tomli_w
 
     from cl import sweep as sweeps
-    from cl.runner import resolve_device
+    from cl.runner import check_experiment, resolve_device
     from cl.store import ResultStore
 
     sweep = sweeps.prepare_sweep(args.file, args.overrides, args.strategy, args.metric, args.seed, args.storage,
@@ -267,6 +269,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.trials is None:
         raise UserError("cl sweep needs --trials N (or --best / --report on an existing study)")
     device = resolve_device(args.device)
+    datasets = check_experiment(sweep.first_config(), device)  # before the store and the study are created
     store = ResultStore(args.store)
     store.check_writable()
     worker = args.worker_index is not None
@@ -281,8 +284,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         codes = [child.wait() for child in children]
         print(sweeps.summary(sweep, study))
         return max(codes)
-    threads.claim(args.threads)
-    sweeps.work(sweep, study, args.trials, store, device, stack=args.stack, timeout=args.timeout,
+    threads.claim(args.threads)  # only the processes that train
+    sweeps.work(sweep, study, datasets, args.trials, store, device, stack=args.stack, timeout=args.timeout,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True))
     if not worker:
         print(sweeps.summary(sweep, study))

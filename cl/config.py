@@ -105,9 +105,6 @@ def _component(registry: Registry, table: Any, where: str, allow_label: bool = F
         raise UserError(f"{where} needs name = \"...\"; known: {', '.join(registry.names())}")
     label = values.pop("label", name) if allow_label else name
     entry = registry.get(name)
-    for key, field in getattr(entry.obj, "param_aliases", {}).items():  # e.g. avalanche's `class`
-        if key in values:
-            values[field] = values.pop(key)
     return Component(name, build_params(entry.params, values, f"{where} {name!r}"), str(label))
 
 

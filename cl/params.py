@@ -11,7 +11,8 @@ an instance, rejecting unknown keys, missing required keys, wrong types,
 non-finite floats (TOML's nan and inf) and values out of range with a message
 that lists the valid keys and their types, then calls the instance's
 `validate()` method, if it has one: raise `ValueError("what is wrong; how to
-fix it")` there for constraints between values.
+fix it")` there for constraints between values. A field whose natural key is a
+Python keyword declares the key files use: `param(..., key="class")`.
 """
 from __future__ import annotations
 
@@ -24,15 +25,20 @@ from cl.errors import UserError
 
 
 def _metadata(doc: str, low: float | None, high: float | None, above: float | None,
-              below: float | None) -> dict[str, Any]:
+              below: float | None, key: str | None) -> dict[str, Any]:
     bounds = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("below", below)) if v is not None}
-    return {"doc": doc, **({"bounds": bounds} if bounds else {})}
+    return {"doc": doc, **({"bounds": bounds} if bounds else {}), **({"key": key} if key else {})}
+
+
+def file_key(field: dataclasses.Field) -> str:
+    """The key a file writes for this field: its name, or the `key` it declares."""
+    return field.metadata.get("key", field.name)
 
 
 def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-          above: float | None = None, below: float | None = None) -> Any:
+          above: float | None = None, below: float | None = None, key: str | None = None) -> Any:
     """A dataclass field with a default, a one-line doc and an optional range (lists are copied)."""
-    metadata = _metadata(doc, low, high, above, below)
+    metadata = _metadata(doc, low, high, above, below, key)
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -40,9 +46,9 @@ def param(default: Any, doc: str, *, low: float | None = None, high: float | Non
 
 
 def required(doc: str, *, low: float | None = None, high: float | None = None, above: float | None = None,
-             below: float | None = None) -> Any:
+             below: float | None = None, key: str | None = None) -> Any:
     """A dataclass field that must be given (no default), with a one-line doc and an optional range."""
-    return dataclasses.field(metadata=_metadata(doc, low, high, above, below))
+    return dataclasses.field(metadata=_metadata(doc, low, high, above, below, key))
 
 
 def range_text(bounds: dict[str, float]) -> str:
@@ -161,7 +167,7 @@ def describe_params(cls: type) -> list[dict[str, Any]]:
         else:
             default = None
         bounds = f.metadata.get("bounds")
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+        rows.append({"name": file_key(f), "type": type_name(hints[f.name]), "default": default,
                      "required": _is_required(f), "doc": f.metadata.get("doc", ""),
                      "range": range_text(bounds) if bounds else ""})
     return rows
@@ -181,23 +187,26 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     """
     if values is not None and not isinstance(values, dict):
         raise UserError(f"{where} must be a table (key = value pairs), got {values!r}")
-    values = dict(values or {})
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    by_key = {file_key(f): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values or {}) - set(by_key))
     if unknown:
         raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))}; {valid_keys_text(cls)}")
+    values = {by_key[key].name: value for key, value in (values or {}).items()}  # by field name
+    names = {f.name for f in dataclasses.fields(cls)}
     missing = [f for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
     if missing:
         f = missing[0]
-        raise UserError(f"{where}: missing required parameter {f.name} ({type_name(hints[f.name])}: "
-                        f"{f.metadata.get('doc', '')}); add {f.name} = ... to its table")
+        raise UserError(f"{where}: missing required parameter {file_key(f)} ({type_name(hints[f.name])}: "
+                        f"{f.metadata.get('doc', '')}); add {file_key(f)} = ... to its table")
     kwargs = {}
-    for key, value in values.items():
-        ok, converted = _check(value, hints[key])
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        ok, converted = _check(values[f.name], hints[f.name])
         if not ok:
-            raise UserError(f"{where}: {key} must be {type_name(hints[key])}, got {value!r}")
-        kwargs[key] = converted
+            raise UserError(f"{where}: {file_key(f)} must be {type_name(hints[f.name])}, got {values[f.name]!r}")
+        kwargs[f.name] = converted
     declared = f"{cls.__module__}.{cls.__qualname__}"
     for f in dataclasses.fields(cls):  # the defaults a file did not override pass the same checks
         if f.name in values or _is_required(f):
@@ -205,7 +214,7 @@ def build_params(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         ok, converted = _check(default, hints[f.name])
         if not ok:
-            raise UserError(f"{where}: the default of {f.name} ({default!r}) is not {type_name(hints[f.name])}; "
+            raise UserError(f"{where}: the default of {file_key(f)} ({default!r}) is not {type_name(hints[f.name])}; "
                             f"fix its declaration in {declared}")
         kwargs[f.name] = converted
     instance = cls(**kwargs)
@@ -223,11 +232,11 @@ def check_params(instance: Any, where: str, defaults: list[str] = (), declared: 
         numbers = _numbers(value)
         fix = f" (its default; fix its declaration in {declared})" if f.name in defaults else ""
         if not all(math.isfinite(x) for x in numbers):
-            raise UserError(f"{where}: {f.name} must be finite, got {value!r}{fix or '; give a number'}")
+            raise UserError(f"{where}: {file_key(f)} must be finite, got {value!r}{fix or '; give a number'}")
         bounds = f.metadata.get("bounds")
         if bounds and not all(_in_range(x, bounds) for x in numbers):
             each = " (each value)" if isinstance(value, (list, dict)) else ""
-            raise UserError(f"{where}: {f.name} must be {range_text(bounds)}{each}, got {value!r}{fix}")
+            raise UserError(f"{where}: {file_key(f)} must be {range_text(bounds)}{each}, got {value!r}{fix}")
     validate = getattr(instance, "validate", None)
     if callable(validate):
         try:
@@ -240,5 +249,5 @@ def params_to_dict(instance: Any) -> dict[str, Any]:
     return dataclasses.asdict(instance) if dataclasses.is_dataclass(instance) else {}
 
 
-__all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "params_to_dict", "range_text",
-           "type_name", "valid_keys_text"]
+__all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "file_key",
+           "params_to_dict", "range_text", "type_name", "valid_keys_text"]

@@ -46,6 +46,11 @@ class Registry:
             p = params if params is not None else getattr(obj, "Params", NoParams)
             if not dataclasses.is_dataclass(p):
                 raise TypeError(f"{self.kind} {name!r}: params must be a dataclass, got {p!r}")
+            undocumented = [f.name for f in dataclasses.fields(p) if not f.metadata.get("doc")]
+            if undocumented:  # `cl list` and every error about it show its doc
+                raise TypeError(f"{self.kind} {name!r}: parameter {undocumented[0]} of {p.__qualname__} has no doc; "
+                                f"declare it with param(default, \"what it does\") or required(\"what it does\") "
+                                f"from cl.params")
             existing = self._entries.get(name)
             if existing is not None and _qualified(existing.obj) != _qualified(obj):
                 raise NameClash(f"{self.kind} {name!r} is registered twice: by {_origin(existing.obj)} and by "

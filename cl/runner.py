@@ -54,8 +54,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def load_datasets(components: list[Component]) -> list[LabelledData]:
-    return [DATASETS.get(c.name).obj(c.params) for c in components]
+def load_datasets(components: list[Component], loaded: dict[str, LabelledData] | None = None) -> list[LabelledData]:
+    """The components' datasets; with `loaded`, a dataset that an earlier call read with the same
+    parameters is taken from it rather than read again (`cl run` with several files)."""
+    loaded = {} if loaded is None else loaded
+    for c in components:
+        key = f"{c.name} {c.params!r}"
+        if key not in loaded:
+            loaded[key] = DATASETS.get(c.name).obj(c.params)
+    return [loaded[f"{c.name} {c.params!r}"] for c in components]
 
 
 def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed: int) -> Scenario:
@@ -116,6 +123,18 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
                             f"but {pipeline.device.type} has {gib(available)} free; shrink [model] or the buffer sizes")
         if problem is not None:
             raise UserError(f"{config.source}: [[strategies]] {component.label!r}: {problem}")
+
+
+def check_experiment(config: ExperimentConfig, device: torch.device,
+                     loaded: dict[str, LabelledData] | None = None) -> list[LabelledData]:
+    """Read the experiment's datasets and check every strategy against the first seed's scenario, and
+    return the datasets. `cl run` and `cl sweep` do this for every file before they open the result
+    store, so that a missing dataset file or an incompatible strategy stops them before anything is
+    written."""
+    datasets = load_datasets(config.datasets, loaded)
+    scenario = build_scenario(config, datasets, config.seeds[0]).to(device)
+    check_compatibility(config, scenario, input_pipeline(config, scenario, device))
+    return datasets
 
 
 def build_strategy(component: Component, config: ExperimentConfig, scenario: Scenario, device: torch.device,
@@ -397,23 +416,21 @@ def _jsonable(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
 
-def run_experiment(config: ExperimentConfig, store: ResultStore, device: torch.device, progress: bool = True,
-                   log: Callable[[str], None] = print, resume: bool = False, stack: bool = True,
-                   graphs: bool = False) -> list[RunRecord]:
-    """Run every (strategy, seed) of the experiment; each finished run is stored at once. Every run
+def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store: ResultStore,
+                   device: torch.device, progress: bool = True, log: Callable[[str], None] = print,
+                   resume: bool = False, stack: bool = True, graphs: bool = False) -> list[RunRecord]:
+    """Run every (strategy, seed) of the experiment on its `datasets` (from `check_experiment`, which
+    has checked every strategy against them); each finished run is stored at once. Every run
     writes a checkpoint after each experience (in `store.checkpoint_root`, removed once the run is
     stored). With `resume`, completed runs already in the store are skipped and keep their ids, and
     unfinished ones continue from their last checkpoint. With `stack`, the seeds of a stackable
     strategy whose scenarios share every shape train as one stacked model (`run_stacked`); a run
     resumed from a checkpoint trains alone. With `graphs` (`--cuda-graphs`), the steps of strategies that
     allow it are replayed as CUDA graphs (cl/graphs.py); the others say once why they run eagerly."""
-    datasets = load_datasets(config.datasets)
     scenarios, pipelines = {}, {}
-    for i, seed in enumerate(config.seeds):
+    for seed in config.seeds:
         scenarios[seed] = build_scenario(config, datasets, seed).to(device)
         pipelines[seed] = input_pipeline(config, scenarios[seed], device)
-        if i == 0:
-            check_compatibility(config, scenarios[seed], pipelines[seed])  # every strategy, before any trains
     records = []
     first = scenarios[config.seeds[0]]
     backbone = meta_model(model_spec(config, first.stream_info(pipelines[config.seeds[0]].output_shape)))

@@ -351,9 +351,10 @@ class StackedRuns:
                 for k in range(len(self.members))]
 
     @contextlib.contextmanager
-    def _members_bound(self) -> Iterator[int]:
-        """A vmap level over the members (yielded) inside which the template reads every member's own
-        tensors: its model's parameters and buffers, member_state and differing float parameters."""
+    def _members_bound(self, method: str) -> Iterator[int]:
+        """A vmap level over the members (yielded) inside which the template's `method` (named in errors)
+        reads every member's own tensors: its model's parameters and buffers, member_state and differing
+        float parameters."""
         template, size = self.template, len(self.members)
         with vmap_level(size) as level, self._slots.bound([batched(t, level) for t in self._slot_tensors]):
             saved = {name: getattr(template, name) for name in self.state}
@@ -370,14 +371,14 @@ class StackedRuns:
                 first = (str(exc).strip().splitlines() or [""])[0]
                 if "vmap" not in first:
                     raise
-                raise RuntimeError(f"{type(template).__name__}.objective broke a rule of stacked runs: {first[:300]}; "
+                raise RuntimeError(f"{type(template).__name__}.{method} broke a rule of stacked runs: {first[:300]}; "
                                    f"draw random numbers in draw() and do not branch on tensor values (README: "
                                    f"\"Stacked runs: draw and objective\"), or train unstacked: --no-stack") from None
             except AttributeError as exc:
                 if exc.name not in hidden:
                     raise
                 strategy = type(template).__name__
-                raise ValueError(f"{strategy}.objective reads self.{exc.name}, which member_state does not list: "
+                raise ValueError(f"{strategy}.{method} reads self.{exc.name}, which member_state does not list: "
                                  f"stacked runs would all read the first run's; add {exc.name!r} to "
                                  f"{strategy}.member_state (or train unstacked: --no-stack)") from None
             finally:
@@ -389,7 +390,7 @@ class StackedRuns:
         """Every member's objective at once (the template's, run with the members bound); its loss, terms,
         logits and reference with the members along dimension 0."""
         template, size = self.template, len(self.members)
-        with self._members_bound() as level:
+        with self._members_bound("objective") as level:
             out = template.objective({key: batched(value, level) for key, value in inputs.items()})
             if isinstance(out, torch.Tensor):
                 out = StepOutput(out)
@@ -408,7 +409,7 @@ class StackedRuns:
         stacked = [self.parameters[name] for name in self._optimized_names]
         references = torch.autograd.grad(reference.sum(), stacked, allow_unused=True)
         size = len(self.members)
-        with self._members_bound() as level:
+        with self._members_bound("project_gradient") as level:
             grad, terms = self.template.project_gradient(
                 {name: batched(grad_or_zeros(p.grad, p), level) for name, p in zip(self._optimized_names, stacked)},
                 {name: batched(grad_or_zeros(r, p), level)

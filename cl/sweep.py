@@ -48,8 +48,8 @@ from optuna.trial import TrialState
 from cl.config import ExperimentConfig, build_experiment, read_toml
 from cl.errors import Pruned, UserError
 from cl.registry import STRATEGIES
-from cl.runner import (Run, build_scenario, check_compatibility, input_pipeline, load_datasets, model_spec,
-                       train_alone, train_together)
+from cl.data import LabelledData
+from cl.runner import Run, build_scenario, input_pipeline, model_spec, train_alone, train_together
 from cl.stacking import PER_MEMBER_TRAINING, stacking_problem
 from cl.footprint import meta_model
 from cl.store import ResultStore
@@ -222,6 +222,10 @@ class Sweep:
         config = build_experiment(with_values(self.raw, self.label, values), self.source, seeds=[self.seed])
         return dataclasses.replace(config, evaluated_on="validation")
 
+    def first_config(self) -> ExperimentConfig:
+        """The trial at every dimension's first value: what a worker checks and builds its scenario from."""
+        return self.config(first_values(self.dimensions))
+
     def stack_key(self, values: dict[str, Any]) -> tuple:
         """Trials with equal keys differ only in values that change no shape: they can stack."""
         return tuple(values[d.name] for d in self.dimensions if not d.changes_no_shape)
@@ -376,15 +380,14 @@ class Heartbeat:
         self._thread.join()
 
 
-def work(sweep: Sweep, study: optuna.Study, n_trials: int, store: ResultStore, device: torch.device,
-         stack: int = 4, timeout: float | None = None, progress: bool = True,
+def work(sweep: Sweep, study: optuna.Study, datasets: list[LabelledData], n_trials: int, store: ResultStore,
+         device: torch.device, stack: int = 4, timeout: float | None = None, progress: bool = True,
          log: Callable[[str], None] = print) -> int:
-    """One worker's loop (module docstring); returns how many trials this worker finished."""
-    base = sweep.config(first_values(sweep.dimensions))
-    datasets = load_datasets(base.datasets)
+    """One worker's loop (module docstring) on `datasets` (from `check_experiment(sweep.first_config())`);
+    returns how many trials this worker finished."""
+    base = sweep.first_config()
     scenario = build_scenario(base, datasets, sweep.seed).to(device)
     pipeline = input_pipeline(base, scenario, device)
-    check_compatibility(base, scenario, pipeline)
     strategy_class = STRATEGIES.get(base.strategies[0].name).obj
     backbone = meta_model(model_spec(base, scenario.stream_info(pipeline.output_shape)))
     stackable = stacking_problem(strategy_class, backbone) is None

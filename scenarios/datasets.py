@@ -140,7 +140,8 @@ class FashionMnistParams:
 def fashion_mnist(p: FashionMnistParams) -> LabelledData:
     """Fashion-MNIST, 60k/10k 28x28 grey images of 10 clothing classes, from local IDX files."""
     folder = Path(p.data_dir)
-    how = "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir"
+    how = ("install it with `apt-get install dataset-fashion-mnist`, or point --data-dir at a folder holding the "
+           "four Fashion-MNIST IDX files")
     if not folder.is_dir():
         raise UserError(f"fashion_mnist: folder {folder} not found; {how}")
     return load_idx_folder("fashion_mnist", folder, how)
@@ -158,7 +159,7 @@ def mnist(p: MnistParams) -> LabelledData:
     root = Path(p.data_dir)
     how = ("put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
            "and t10k-labels-idx1-ubyte.gz (the published MNIST IDX files) there or in MNIST/raw/ "
-           "under it, or pass --data-dir")
+           "under it, or point --data-dir at a folder that holds them")
     candidates = [root, root / "MNIST" / "raw"]
     for folder in candidates:
         if find_idx(folder, IDX_FILES["x_train"]) is not None:
@@ -207,7 +208,7 @@ def load_cifar(name: str, data_dir: str, subdir: str, train_files: list[str], te
     root = Path(data_dir)
     folder = root / subdir if (root / subdir).is_dir() else root
     how = (f"extract the published CIFAR python-version archive ({url}) so that {root / subdir} "
-           f"holds {', '.join(train_files + [test_file])}, or pass --data-dir")
+           f"holds {', '.join(train_files + [test_file])}, or point --data-dir at a folder that holds them")
     if not root.is_dir():
         raise UserError(f"{name}: folder {root} not found; {how}")
     for file in train_files + [test_file]:

@@ -317,7 +317,7 @@ def class_il_only(monkeypatch):
 
 
 def test_incompatible_strategy_is_refused_before_anything_trains(run_tiny, tiny_raw, class_il_only,
-                                                                 one_line_error, stored):
+                                                                 one_line_error, stored, store_url):
     raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "class_il_only"}])
     raw["scenario"]["task_labels"] = True
     result = run_tiny(raw)
@@ -326,6 +326,7 @@ def test_incompatible_strategy_is_refused_before_anything_trains(run_tiny, tiny_
     assert "strategy 'class_il_only' supports class-il scenarios, but this one is task-il" in line
     assert stored() == []  # naive, listed first, did not run either
     assert "run 1" not in result.out
+    assert not store_file(store_url).exists()  # refused before the store was created
 
 
 
@@ -364,20 +365,26 @@ def test_missing_experiment_file(cli, tmp_path, store_url, one_line_error):
     assert "missing.toml" in one_line_error(result.err)
 
 
-def test_missing_dataset_folder(run_tiny, tiny_raw, tmp_path, one_line_error, stored):
+def store_file(store_url: str) -> Path:
+    return Path(store_url.removeprefix("sqlite:///"))
+
+
+def test_missing_dataset_folder(run_tiny, tiny_raw, tmp_path, one_line_error, store_url):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_tiny(tiny_raw(dataset={"name": "fashion_mnist"}), "--data-dir", empty)
     assert result.rc == 2
     line = one_line_error(result.err)
     assert "fashion_mnist" in line and str(empty) in line
-    assert stored() == []
+    assert not store_file(store_url).exists()  # refused before the store was created
 
 
-def test_missing_dataset_folder_that_does_not_exist(run_tiny, tiny_raw, tmp_path, one_line_error):
+def test_missing_dataset_folder_that_does_not_exist(run_tiny, tiny_raw, tmp_path, one_line_error, store_url):
     result = run_tiny(tiny_raw(dataset={"name": "fashion_mnist"}), "--data-dir", tmp_path / "nope")
     assert result.rc == 2
-    assert str(tmp_path / "nope") in one_line_error(result.err)
+    line = one_line_error(result.err)
+    assert f"folder {tmp_path / 'nope'} not found" in line and "point --data-dir at a folder holding" in line
+    assert not store_file(store_url).exists()
 
 
 @pytest.mark.parametrize("url", ["not a url", "nosuchdb://x/y"])
@@ -586,12 +593,19 @@ def test_broken_plugin_gives_one_line_error(tmp_path, cl_subprocess, write_exper
     assert "cl_broken_plugin" in one_line_error(proc.stderr)
 
 
-def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, write_experiment, store_url, stored):
+def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, write_experiment, store_url, stored,
+                                                             class_il_only):
     first = write_experiment(tiny_raw(name="first", strategies=[{"name": "naive"}]), name="a.toml")
     second = write_experiment(tiny_raw(name="second", strategies=[{"name": "naive"}]), name="b.toml")
     broken = write_experiment(tiny_raw(name="third", strategies=[{"name": "nope"}]), name="c.toml")
     result = cli("run", first, broken, "--store", store_url, "--no-progress", "--device", "cpu")
     assert result.rc == 2 and "nope" in result.err and stored() == []  # nothing trained
+    unfit = tiny_raw(name="third", strategies=[{"name": "naive"}, {"name": "class_il_only"}])
+    unfit["scenario"]["task_labels"] = True
+    result = cli("run", first, write_experiment(unfit, name="e.toml"), "--store", store_url, "--no-progress",
+                 "--device", "cpu")
+    assert result.rc == 2 and "e.toml: [[strategies]] 'class_il_only'" in result.err  # found before the
+    assert not store_file(store_url).exists()  # first file trained: no store, nothing written
     same = write_experiment(tiny_raw(name="first", strategies=[{"name": "naive"}]), name="d.toml")
     result = cli("run", first, same, "--store", store_url, "--no-progress", "--device", "cpu")
     assert result.rc == 2 and "experiment name 'first' appears in two of the files" in result.err

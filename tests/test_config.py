@@ -499,3 +499,24 @@ def test_defaults_a_file_does_not_set_pass_the_same_checks_and_blame_the_declara
     with pytest.raises(UserError, match=r"size must be >= 1, got -5 \(its default; fix its declaration in .*OutOfRange"):
         build_params(OutOfRange, {}, "strategy 'x'")
     assert build_params(OutOfRange, {"size": 3}, "strategy 'x'").size == 3  # a file's value replaces it
+
+
+def test_a_field_that_declares_its_file_key_is_known_by_that_key_everywhere():
+    """`key="class"` (a Python keyword): files, `cl list` and every error use the key, never the field name."""
+    import dataclasses
+
+    from cl.params import build_params, describe_params, param, required
+
+    @dataclasses.dataclass
+    class Keyed:
+        class_name: str = required("a class", key="class")
+        size: int = param(2, "a size", low=1)
+
+    assert build_params(Keyed, {"class": "Naive"}, "strategy 'x'").class_name == "Naive"
+    assert [r["name"] for r in describe_params(Keyed)] == ["class", "size"]
+    for values, message in [({"clas": "Naive"}, "unknown key 'clas'; valid keys: class (str), size (int)"),
+                            ({"class_name": "Naive"}, "unknown key 'class_name'; valid keys: class (str)"),
+                            ({"class": 3}, "class must be str, got 3"),
+                            ({}, "missing required parameter class (str: a class); add class = ... to its table")]:
+        with pytest.raises(UserError, match=re.escape(f"strategy 'x': {message}")):
+            build_params(Keyed, values, "strategy 'x'")

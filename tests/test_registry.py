@@ -80,3 +80,19 @@ def test_a_plugin_taking_a_built_in_name_is_one_line_naming_both(monkeypatch):
     message = str(raised.value)
     assert "failed to import" not in message and "fix or uninstall" not in message
     assert "registered twice: by tests.test_registry.First" in message and "tests.test_registry.Second" in message
+
+
+def test_a_parameter_without_a_doc_is_refused_at_registration():
+    """`cl list` and every error about a parameter show its doc, so a plain default is not enough."""
+    from cl.params import param
+
+    @dataclasses.dataclass
+    class Plain:
+        size: int = param(3, "a size")
+        lr: float = 0.1
+
+    registry = Registry("gadget", "test.gadgets", "gadgets")
+    with pytest.raises(TypeError, match=r"gadget 'thing': parameter lr of .*Plain has no doc; declare it with "
+                                        r"param\(default, \"what it does\"\)"):
+        registry.register("thing", params=Plain)(First)
+    assert "thing" not in registry._entries

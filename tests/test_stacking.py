@@ -10,8 +10,8 @@ import cl.stacking
 from cl.graphs import Captured
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
 from cl.registry import STRATEGIES
-from cl.runner import (build_scenario, build_strategy, load_datasets, run_experiment, run_one, run_stacked, stack_groups,
-                       stack_signature)
+from cl.runner import (build_scenario, build_strategy, check_experiment, load_datasets, run_experiment, run_one,
+                       run_stacked, stack_groups, stack_signature)
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import StepOutput, Strategy
@@ -146,9 +146,10 @@ def test_run_experiment_stacks_seeds_and_stores_each_run(tmp_path):
     trained one by one (--no-stack); gem trains alone."""
     cfg = digits_experiment([{"name": "er", "buffer_size": 100}, {"name": "gem", "memory_per_task": 20},
                              {"name": "joint"}, {"name": "cumulative"}], hidden=[32], seeds=SEEDS, n_experiences=3)
-    stacked = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU, progress=False,
+    datasets = check_experiment(cfg, CPU)
+    stacked = run_experiment(cfg, datasets, ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU, progress=False,
                              log=lambda _: None)
-    alone = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / 'b.db'}"), CPU, progress=False,
+    alone = run_experiment(cfg, datasets, ResultStore(f"sqlite:///{tmp_path / 'b.db'}"), CPU, progress=False,
                            log=lambda _: None, stack=False)
     key = lambda r: (r.strategy, r.seed)  # noqa: E731
     stacked, alone = sorted(stacked, key=key), sorted(alone, key=key)
@@ -191,7 +192,8 @@ def test_a_stackable_strategy_that_cannot_stack_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(er, "loss", lambda self, batch: Strategy.loss(self, batch))  # a custom loss: no stacking
     cfg = digits_experiment([{"name": "er", "buffer_size": 50}], hidden=[16], seeds=[0, 1], n_experiences=2)
     lines = []
-    records = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU, progress=False, log=lines.append)
+    records = run_experiment(cfg, check_experiment(cfg, CPU), ResultStore(f"sqlite:///{tmp_path / 'a.db'}"), CPU,
+                             progress=False, log=lines.append)
     assert "er: its runs train one by one, not stacked: it overrides loss()" in lines
     assert [r.budgets.stacked_runs for r in records] == [1, 1]
 
@@ -279,6 +281,22 @@ def test_objective_may_not_draw_random_numbers_or_branch_on_tensors(cls, message
         train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)
 
 
+class NoisyProjection(STRATEGIES.get("agem").obj):
+    def project_gradient(self, grad, reference):
+        return super().project_gradient({name: g + torch.randn_like(g) for name, g in grad.items()}, reference)
+
+
+def test_project_gradient_is_named_when_it_breaks_a_rule():
+    """The projection runs vmapped too; the error names it, not the objective."""
+    cfg = digits_experiment([{"name": "agem", "memory_per_task": 20, "sample_size": 10}], hidden=[16])
+    strategies, scenarios = members(cfg, [0, 1])
+    train_steps_stacked(strategies, [s.train[0] for s in scenarios], 2)  # fills the memory: now it projects
+    for s in strategies:
+        s.__class__ = NoisyProjection
+    with pytest.raises(RuntimeError, match=r"NoisyProjection.project_gradient broke a rule of stacked runs: vmap"):
+        train_steps_stacked(strategies, [s.train[1] for s in scenarios], 2)
+
+
 def _stacked_mlps(k: int = 3):
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)) for _ in range(k)]
@@ -343,7 +361,8 @@ def test_cuda_accuracy_agrees_with_cpu_on_a_cnn_over_seeds(tmp_path):
                             seeds=SEEDS, n_experiences=5, lr=0.1, epochs=2)
     acc = {}
     for device in ("cpu", "cuda"):
-        records = run_experiment(cfg, ResultStore(f"sqlite:///{tmp_path / device}.db"), torch.device(device),
+        records = run_experiment(cfg, check_experiment(cfg, torch.device(device)),
+                                 ResultStore(f"sqlite:///{tmp_path / device}.db"), torch.device(device),
                                  progress=False, log=lambda _: None)
         for r in records:
             assert r.status == "completed", (device, r.strategy, r.seed, r.failure and r.failure["reason"])

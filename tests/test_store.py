@@ -14,7 +14,7 @@ import cl.provenance
 from cl.config import build_experiment
 from cl.errors import UserError
 from cl.record import RunRecord
-from cl.runner import build_scenario, load_datasets, run_experiment, run_one
+from cl.runner import build_scenario, check_experiment, load_datasets, run_experiment, run_one
 from cl.store import HEADLINE, ResultStore, runs
 
 CPU = torch.device("cpu")
@@ -240,7 +240,7 @@ def test_result_does_not_depend_on_other_strategies_in_the_experiment(tmp_path, 
     config = build_experiment(tiny_raw(strategies=[{"name": "naive"}, {"name": "joint"},
                                                    {"name": "er", "buffer_size": 50, "replay_batch_size": 10}]))
     store = ResultStore(f"sqlite:///{tmp_path}/r.db")
-    records = run_experiment(config, store, CPU, progress=False, log=lambda _: None)
+    records = run_experiment(config, check_experiment(config, CPU), store, CPU, progress=False, log=lambda _: None)
     assert [r.strategy for r in records] == ["naive", "joint", "er"]
     assert records[2].matrix == record.matrix
     assert records[2].run_key == record.run_key

@@ -18,6 +18,7 @@ from cl.cli import main
 from cl.data import Experience, Scenario
 from cl.errors import UserError
 from cl.registry import DATASETS
+from cl.runner import check_experiment
 from cl.store import ResultStore
 from cl.sweep import counts_towards, open_study, prepare_sweep, work
 from cl.validation import stratified_split, validation_scenario
@@ -65,7 +66,7 @@ def sweep_of(path: Path, tmp_path: Path, study: str = "s", **options):
 def run_sweep(tmp_path: Path, path: Path, trials: int, study: str, stack: int = 1, pruner: str = "none"):
     sweep = sweep_of(path, tmp_path, study)
     study_ = open_study(sweep, pruner, sampler_seed=0)
-    work(sweep, study_, trials, ResultStore(f"sqlite:///{tmp_path / 'cl.db'}"), CPU, stack=stack, progress=False,
+    work(sweep, study_, check_experiment(sweep.first_config(), CPU), trials, ResultStore(f"sqlite:///{tmp_path / 'cl.db'}"), CPU, stack=stack, progress=False,
          log=lambda _: None)
     return study_
 
@@ -270,6 +271,16 @@ def test_best_writes_an_experiment_for_cl_run_and_report_plots(tmp_path, capsys)
     two.write_text(path.read_text().replace('name = "naive"', 'name = "er"\nbuffer_size = {choices = [50, 100]}'))
     assert main(["sweep", str(two), "--trials", "2", "--store", f"sqlite:///{tmp_path / 'cl.db'}"]) == 2
     assert "choose one with --strategy" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_stops_the_sweep_before_anything_is_created(tmp_path, capsys):
+    text = EXPERIMENT.replace('name = "digits"', f'name = "fashion_mnist"\ndata_dir = "{tmp_path / "nope"}"')
+    path = experiment_file(tmp_path, text=text)
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--strategy", "der_pp", "--trials", "2", "--store",
+                 f"sqlite:///{out / 'cl.db'}"]) == 2
+    assert f"folder {tmp_path / 'nope'} not found" in capsys.readouterr().err
+    assert not out.exists()  # neither the result store nor the study's storage beside it
 
 
 def test_leaderboard_shows_test_runs_only(tmp_path):

@@ -92,7 +92,7 @@ def quiet() -> Iterator[None]:
 @dataclasses.dataclass
 class AvalancheParams:
     class_name: str = required("Avalanche strategy class in avalanche.training: Naive, Replay, GEM, AGEM, "
-                               "LwF, EWC, SynapticIntelligence, ... (the `class` key)")
+                               "LwF, EWC, SynapticIntelligence, ...", key="class")  # a keyword in Python
     params: dict[str, Any] = param({}, "keyword arguments of that class, e.g. {mem_size = 500} for Replay")
 
 
@@ -105,7 +105,6 @@ class AvalancheStrategy(Strategy):
     loaders shuffle with torch's global generator, which this strategy seeds from the run's seed before
     each experience (and restores afterwards)."""
 
-    param_aliases = {"class": "class_name"}  # `class` is the natural key, but a Python keyword
     supported_models = ("mlp", "cnn", "resnet18_reduced")
 
     @classmethod

@@ -81,8 +81,9 @@ class Buffer:
             raise TypeError(f"{type(self.policy).__name__} fills the buffer once per experience: use update()")
         n = self._allocate(fields)
         slots = self.policy.place(self, n, task)
-        for name, value in fields.items():
-            self.fields[name][slots] = value
+        if slots is not None:
+            for name, value in fields.items():
+                self.fields[name][slots] = value
         self.n_seen += n
 
     @torch.no_grad()
@@ -137,8 +138,9 @@ class Policy:
     def check(self, buffer: Buffer) -> None:
         """Refuse a buffer this policy cannot manage (e.g. a capacity that does not fit)."""
 
-    def place(self, buffer: Buffer, n: int, task: int) -> torch.Tensor | slice:
-        """Slot of each of the next n samples; `buffer.capacity` (the scratch row) rejects one."""
+    def place(self, buffer: Buffer, n: int, task: int) -> torch.Tensor | slice | None:
+        """Slot of each of the next n samples; `buffer.capacity` (the scratch row) rejects one; None
+        when the policy knows without a device synchronisation that it rejects them all."""
         raise TypeError(f"{type(self).__name__} has no online placement")
 
     def select(self, buffer: Buffer, candidates: Fields, n_old: int) -> torch.Tensor:
@@ -166,13 +168,15 @@ class Reservoir(Policy):
     are computed on the device (no host synchronisation); on the CPU the same
     slots are computed in Python from the same draws, since there a dozen tensor
     operations on 10 numbers cost more than the loop (47 us against about 10 us
-    per batch of 10 on these machines, paid at every ER step).
+    per batch of 10 on these machines, paid at every ER step), and a batch that is
+    rejected whole (most batches, once the stream is many times the capacity) writes
+    nothing.
     """
 
     def __init__(self) -> None:
         self._offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch size, made once
 
-    def place(self, buffer: Buffer, n: int, task: int) -> torch.Tensor | slice:
+    def place(self, buffer: Buffer, n: int, task: int) -> torch.Tensor | slice | None:
         seen, capacity = buffer.n_seen, buffer.capacity
         buffer.size = min(seen + n, capacity)
         if seen + n <= capacity:  # still filling: a plain slice
@@ -180,11 +184,12 @@ class Reservoir(Policy):
         # float64: float32 draws could only reach multiples of (g + 1) / 2**24 on long streams.
         draws = torch.rand(n, generator=buffer.generator, device=buffer.device, dtype=torch.float64)
         if buffer.device.type == "cpu":
-            return self.slots_on_host(draws.tolist(), seen, capacity)
+            slots = self.slots_on_host(draws.tolist(), seen, capacity)
+            return torch.tensor(slots) if min(slots) < capacity else None
         return self.slots_on_device(draws, seen, capacity)
 
     @staticmethod
-    def slots_on_host(draws: list[float], seen: int, capacity: int) -> torch.Tensor:
+    def slots_on_host(draws: list[float], seen: int, capacity: int) -> list[int]:
         """The slots of samples seen, seen + 1, ... given their uniform draws, one at a time."""
         slots: list[int] = []
         owner: dict[int, int] = {}  # slot -> the batch position that holds it so far
@@ -196,7 +201,7 @@ class Reservoir(Policy):
                     slots[owner[slot]] = capacity
                 owner[slot] = i
             slots.append(min(slot, capacity))
-        return torch.tensor(slots)
+        return slots
 
     def slots_on_device(self, draws: torch.Tensor, seen: int, capacity: int) -> torch.Tensor:
         """The same slots with tensor operations on the draws' device."""

@@ -74,10 +74,35 @@ def test_reservoir_slots_on_host_equal_those_on_the_device():
     for capacity, seen, n in cases:
         for _ in range(50):
             draws = torch.rand(n, generator=generator, dtype=torch.float64)
-            host = Reservoir.slots_on_host(draws.tolist(), seen, capacity)
+            host = torch.tensor(Reservoir.slots_on_host(draws.tolist(), seen, capacity))
             assert torch.equal(host, policy.slots_on_device(draws, seen, capacity)), (capacity, seen)
             kept = host[host < capacity]
             assert len(kept.unique()) == len(kept)  # each slot written by one sample at most
+
+
+def test_a_batch_rejected_whole_writes_nothing():
+    """Long after the buffer filled, most batches are rejected whole: place() says so (None) on the CPU and
+    add() writes nothing, not even the scratch row; a batch with an accepted sample is written as before."""
+    buf = make(40)
+    for k in range(50):
+        buf.add(**stream(10, 10 * k))
+    before = {name: value.clone() for name, value in buf.fields.items()}
+    rejected = accepted = 0
+    for k in range(50, 250):
+        n_seen, state = buf.n_seen, buf.generator.get_state()
+        draws = torch.rand(10, generator=buf.generator, dtype=torch.float64).tolist()
+        buf.generator.set_state(state)
+        slots = Reservoir.slots_on_host(draws, n_seen, 40)
+        buf.add(**stream(10, 10 * k))
+        if min(slots) == 40:
+            rejected += 1
+            assert all(torch.equal(buf.fields[name], before[name]) for name in before)  # scratch row too
+        else:
+            accepted += 1
+            assert buf.fields["y"][[s for s in slots if s < 40]].tolist() == \
+                [10 * k + i for i, s in enumerate(slots) if s < 40]
+        before = {name: value.clone() for name, value in buf.fields.items()}
+    assert rejected > 50 and accepted > 10
 
 
 def test_every_sample_is_kept_with_equal_probability():

@@ -100,11 +100,18 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x_all), y_all).backward()
             opt.step()
-            if replay:  # reservoir sampling, the same batched update as cl.buffers
+            if replay:  # reservoir sampling with cl.buffers' draws: one float64 per sample once full
                 b = len(y)
                 if n_seen + b <= capacity:
                     buf_x[n_seen:n_seen + b], buf_y[n_seen:n_seen + b] = raw, y
-                else:
+                elif device.type == "cpu":  # Algorithm R in Python, writing only the accepted samples
+                    draws = torch.rand(b, generator=gen, dtype=torch.float64).tolist()
+                    for i, u in enumerate(draws):
+                        g = n_seen + i
+                        slot = g if g < capacity else int(u * (g + 1))
+                        if slot < capacity:
+                            buf_x[slot], buf_y[slot] = raw[i], y[i]
+                else:  # on a GPU, tensor operations (no host synchronisation), as cl.buffers
                     offsets = arange10[:b]
                     g = offsets + n_seen
                     r = (torch.rand(b, generator=gen, device=device, dtype=torch.float64) * (g + 1)).long()

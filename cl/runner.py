@@ -58,11 +58,13 @@ def load_datasets(components: list[Component], loaded: dict[str, LabelledData] |
     """The components' datasets; with `loaded`, a dataset that an earlier call read with the same
     parameters is taken from it rather than read again (`cl run` with several files)."""
     loaded = {} if loaded is None else loaded
+    datasets = []
     for c in components:
         key = f"{c.name} {c.params!r}"
         if key not in loaded:
             loaded[key] = DATASETS.get(c.name).obj(c.params)
-    return [loaded[f"{c.name} {c.params!r}"] for c in components]
+        datasets.append(loaded[key])
+    return datasets
 
 
 def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed: int) -> Scenario:

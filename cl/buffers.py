@@ -69,21 +69,21 @@ class Buffer:
         if not self.fields:
             self.fields = {name: torch.zeros((self.capacity + 1, *v.shape[1:]), dtype=v.dtype, device=self.device)
                            for name, v in fields.items()}
-        elif set(fields) != set(self.fields):
+        elif fields.keys() != self.fields.keys():
             raise ValueError(f"buffer fields are {sorted(self.fields)} (fixed by the first insertion), "
                              f"got {sorted(fields)}")
         return sizes.pop()
 
-    @torch.no_grad()
     def add(self, task: int = 0, **fields: torch.Tensor) -> None:
         """Offer a batch (online policies); `task` is the batch's task id, used by `RingPerTask`."""
         if not self.policy.online:
             raise TypeError(f"{type(self.policy).__name__} fills the buffer once per experience: use update()")
         n = self._allocate(fields)
         slots = self.policy.place(self, n, task)
-        if slots is not None:
-            for name, value in fields.items():
-                self.fields[name][slots] = value
+        if slots is not None:  # (most reservoir batches, once the stream is long, are rejected whole)
+            with torch.no_grad():
+                for name, value in fields.items():
+                    self.fields[name][slots] = value
         self.n_seen += n
 
     @torch.no_grad()

@@ -48,37 +48,31 @@ class LossMonitor:
 
     def __init__(self, params: DivergenceParams):
         self.params = params
-        # Sum of the window's losses, in float64: NaN or inf as soon as any loss was (one kernel a step,
-        # where a separate finiteness flag took eight; a float64 sum of finite losses does not overflow).
-        self.total: torch.Tensor | None = None
-        self.steps = 0
-        self.first: torch.Tensor | None = None  # the run's first loss, read at the first check
-        self.initial: float | None = None
+        # The window's losses, as the device tensors they are: summed (in float64, so that a sum of finite
+        # losses cannot overflow) only when the window is checked. Nothing runs on the device per step.
+        self.losses: list[torch.Tensor] = []
+        self.initial: float | None = None  # the run's first loss, read at the first check
         self.exploding = 0
 
     def add(self, loss: torch.Tensor) -> None:
         """Record one step's (detached, scalar) loss; checks when a window is full."""
-        if self.first is None and self.initial is None:
-            self.first = loss
-        if self.total is None:
-            self.total = loss.to(torch.float64, copy=True)  # its own storage: added to in place
-        else:
-            self.total.add_(loss)
-        self.steps += 1
-        if self.steps >= self.params.check_every:
+        self.losses.append(loss)
+        if len(self.losses) >= self.params.check_every:
             self.check()
 
     def check(self) -> None:
         """Look at the window so far (one synchronisation) and raise `Diverged` if a rule fires."""
-        if self.steps == 0:
+        if not self.losses:
             return
-        total, steps = float(self.total), self.steps
-        self.total, self.steps = None, 0
+        window = torch.stack(self.losses).double()
+        steps, self.losses = len(self.losses), []
+        if self.initial is None:
+            total, self.initial = torch.stack([window.sum(), window[0]]).tolist()
+        else:
+            total = float(window.sum())
         if not math.isfinite(total):
             raise Diverged("the training loss became NaN/inf; lower training.lr or clip gradients "
                            "(training.grad_clip_norm)")
-        if self.initial is None:
-            self.initial, self.first = float(self.first), None
         mean = total / steps
         limit = self.params.factor * max(abs(self.initial), 1.0)
         self.exploding = self.exploding + 1 if mean > limit else 0

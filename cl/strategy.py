@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -304,10 +305,26 @@ class Strategy:
                     self.progress.update(1)
 
     def batches(self, data: Experience | Samples) -> Iterator[Batch]:
+        """Shuffled mini-batches of `data`, gathered a chunk of batches at a time (see `_chunk_samples`).
+
+        A gather, a sample transform or a decode of 10 samples costs mostly its fixed price (a few
+        microseconds of dispatch on the CPU, a kernel launch on a GPU): each chunk's inputs, labels and task
+        ids are gathered once and sliced into batches, so that price is paid once per chunk. A pipeline without random augmentation is applied to
+        the whole chunk too; one with it is applied batch by batch, so its draws come from the generator
+        in the same order as before. Either way the batches hold the same values as a batch-by-batch
+        gather."""
         order = torch.randperm(len(data), generator=self.generator, device=self.device)
-        for idx in order.split(self.training.batch_size):
-            raw = data.inputs(idx)
-            yield Batch(self.prepare(raw), rows(data.y, idx), data.task_ids(idx), raw)
+        size = self.training.batch_size
+        pipeline = self.context.pipeline
+        decode_ahead = not pipeline.params.augments
+        chunk = _chunk_samples(data, pipeline.output_shape, size)
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            raw, y, t = data.inputs(idx), rows(data.y, idx), data.task_ids(idx)
+            x = self.prepare(raw) if decode_ahead else None
+            for a in range(0, len(idx), size):
+                b = a + size
+                yield Batch(x[a:b] if decode_ahead else self.prepare(raw[a:b]), y[a:b], t[a:b], raw[a:b])
 
     def steps_per_experience(self, exp: Experience) -> int:
         """Number of train_step calls `fit(exp)` makes (for progress bars)."""
@@ -465,6 +482,17 @@ class Strategy:
                 current.load_state_dict(saved[_STATE])
             else:
                 setattr(self, name, _to_device(saved, self.device))
+
+
+#: Bytes of stored and decoded inputs `Strategy.batches` gathers at once: a few hundred batches of
+#: small images, one or two of large ones.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _chunk_samples(data: Experience | Samples, decoded_shape: tuple[int, ...], batch_size: int) -> int:
+    """Samples per chunk of `Strategy.batches`: whole batches within `CHUNK_BYTES` (at least one)."""
+    per_sample = tensor_bytes(data.x[:1]) + 4 * math.prod(decoded_shape)
+    return batch_size * max(1, CHUNK_BYTES // (per_sample * batch_size))
 
 
 _STATE = "__state_dict__"

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.config import load_experiment
+import cl.strategy
+from cl.config import build_experiment, load_experiment
 from cl.errors import UserError
 from cl.params import param
 from cl.runner import build_scenario, build_strategy, load_datasets
@@ -500,12 +501,41 @@ def test_er_augments_stream_and_replayed_samples_alike():
             return out
 
     strategy.context.pipeline = Recording()
+    strategy.context.pipeline.params = pipeline.params
+    strategy.context.pipeline.output_shape = pipeline.output_shape
     strategy.fit(scenario.train[0])
     steps = -(-len(scenario.train[0]) // 10)
     assert len(calls) == 2 * steps - 1  # a stream batch every step, a replayed batch every step but the first
     assert all(train for train, _ in calls)
     # Each call flips about half its images and shifts most of them: none comes back unchanged.
     assert sum(unchanged for _, unchanged in calls) == 0
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["decoded-per-chunk", "augmented-per-batch"])
+def test_batches_are_gathered_a_chunk_at_a_time_with_the_values_of_single_batches(monkeypatch, augment):
+    cfg = digits_experiment([{"name": "naive"}], horizontal_flip=augment, crop_padding=int(augment))
+    cfg = dataclasses.replace(cfg, scenario=build_experiment({  # permuted: each chunk goes through the transform
+        "name": "permuted-digits", "dataset": {"name": "digits"}, "scenario": {"name": "permuted", "n_experiences": 2},
+        "model": {"name": "mlp", "hidden": [8]}, "strategies": [{"name": "naive"}]}).scenario)
+    strategy, scenario = strategy_for(cfg)
+    exp = scenario.train[1]
+    assert exp.transform is not None
+    per_sample = exp.x[:1].numel() * exp.x.element_size() + 4 * exp.x[:1].numel()
+    monkeypatch.setattr(cl.strategy, "CHUNK_BYTES", per_sample * 30 + 1)  # chunks of 3 batches of 10
+    gathers = []
+    inputs = exp.inputs
+    monkeypatch.setattr(exp, "inputs", lambda index=None: gathers.append(len(index)) or inputs(index))
+    reference = torch.Generator().manual_seed(0)
+    reference.set_state(strategy.generator.get_state())
+    batches = list(strategy.batches(exp))
+    order = torch.randperm(len(exp), generator=reference)
+    assert [len(b.y) for b in batches] == [len(idx) for idx in order.split(10)]
+    assert gathers == [len(part) for part in order.split(30)]  # one gather per chunk of 3 batches
+    for batch, idx in zip(batches, order.split(10)):
+        raw = inputs(idx)
+        assert torch.equal(batch.raw, raw) and torch.equal(batch.y, exp.y[idx]) and torch.equal(batch.t, exp.t[idx])
+        # Augmented batches draw from the generator batch by batch, in the order they always did.
+        assert torch.equal(batch.x, strategy.context.pipeline(raw, True, reference))
 
 
 # ---------------------------------------------------------------- reproduction (slow)

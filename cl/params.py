@@ -246,7 +246,12 @@ def check_params(instance: Any, where: str, defaults: list[str] = (), declared: 
 
 
 def params_to_dict(instance: Any) -> dict[str, Any]:
-    return dataclasses.asdict(instance) if dataclasses.is_dataclass(instance) else {}
+    """The parameters as a file writes them (each under its `file_key`), as stored in run records; `build_params`
+    reads the result back."""
+    if not dataclasses.is_dataclass(instance):
+        return {}
+    values = dataclasses.asdict(instance)
+    return {file_key(f): values[f.name] for f in dataclasses.fields(instance)}
 
 
 __all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "file_key",

@@ -69,7 +69,7 @@ def test_adapter_runs_avalanche_strategies_in_our_runner():
         cfg = digits_experiment([strategy], hidden=[32], n_experiences=3)
         record = run(cfg)
         assert record.status == "completed" and record.strategy_name == "avalanche"
-        assert record.params["class_name"] == strategy["class"]
+        assert record.params["class"] == strategy["class"]  # stored under the key the file writes
         assert record.matrix[1][0] > 0.5  # it learned the first experience (chance 0.25)
     replay = run(digits_experiment([{"name": "avalanche", "class": "Replay", "params": {"mem_size": 200}}],
                                    hidden=[32], n_experiences=3))

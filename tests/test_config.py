@@ -505,14 +505,17 @@ def test_a_field_that_declares_its_file_key_is_known_by_that_key_everywhere():
     """`key="class"` (a Python keyword): files, `cl list` and every error use the key, never the field name."""
     import dataclasses
 
-    from cl.params import build_params, describe_params, param, required
+    from cl.params import build_params, describe_params, param, params_to_dict, required
 
     @dataclasses.dataclass
     class Keyed:
         class_name: str = required("a class", key="class")
         size: int = param(2, "a size", low=1)
 
-    assert build_params(Keyed, {"class": "Naive"}, "strategy 'x'").class_name == "Naive"
+    built = build_params(Keyed, {"class": "Naive"}, "strategy 'x'")
+    assert built.class_name == "Naive"
+    assert params_to_dict(built) == {"class": "Naive", "size": 2}  # what run records store
+    assert build_params(Keyed, params_to_dict(built), "strategy 'x'") == built
     assert [r["name"] for r in describe_params(Keyed)] == ["class", "size"]
     for values, message in [({"clas": "Naive"}, "unknown key 'clas'; valid keys: class (str), size (int)"),
                             ({"class_name": "Naive"}, "unknown key 'class_name'; valid keys: class (str)"),

@@ -14,7 +14,7 @@ sides; the two sides alternate which goes first. Stacked: our runs of seeds 0..k
 (`run_stacked`), their wall time divided by k (strategies that cannot stack: not measured).
 
     python benchmarks/vs_avalanche.py [--protocols quickstart gem] [--strategies naive er gem agem lwf ewc]
-                                      [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR]
+                                      [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR] [--threads N]
 """
 from __future__ import annotations
 
@@ -104,7 +104,11 @@ def main() -> None:
     parser.add_argument("--stack", type=int, default=3, help="seeds per stacked group (0: no stacked rows)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
+    parser.add_argument("--threads", type=int, help="compute threads of this process, both sides alike "
+                                                     "(default: PyTorch's, one per core)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     header = ("protocol", "strategy", "ACC ours", "ACC avalanche", "s ours", "s avalanche", "ratio",

@@ -309,10 +309,10 @@ class Strategy:
 
         A gather, a sample transform or a decode of 10 samples costs mostly its fixed price (a few
         microseconds of dispatch on the CPU, a kernel launch on a GPU): each chunk's inputs, labels and task
-        ids are gathered once and sliced into batches, so that price is paid once per chunk. A pipeline without random augmentation is applied to
-        the whole chunk too; one with it is applied batch by batch, so its draws come from the generator
-        in the same order as before. Either way the batches hold the same values as a batch-by-batch
-        gather."""
+        ids are gathered once and sliced into batches, so that price is paid once per chunk. A pipeline
+        without random augmentation is applied to the whole chunk too; one with it is applied batch by
+        batch, so its draws come from the generator in the same order as before. Either way the batches
+        hold the same values as a batch-by-batch gather."""
         order = torch.randperm(len(data), generator=self.generator, device=self.device)
         size = self.training.batch_size
         pipeline = self.context.pipeline

@@ -3,8 +3,9 @@
 Split Fashion-MNIST (class-incremental, 5 experiences), MLP 784-100-100-10,
 SGD lr 0.01, batch 10, one epoch; naive fine-tuning and ER (reservoir buffer
 of 500, replay batch 10 drawn without replacement). Both sides keep the images
-as uint8 on the device and decode each batch to float (stream and replay
-samples alike), build the same model from the same seed, draw batches and
+as uint8 on the device and decode them to float (the bare loop batch by batch,
+as one writes it by hand; `cl` its stream batches a chunk of batches at a time,
+see `Strategy.batches`), build the same model from the same seed, draw batches and
 replay samples from an identically seeded generator and evaluate class-IL and
 task-IL accuracy before training and after every experience, so both accuracy
 matrices must agree exactly; the script checks that before it reports the

@@ -316,15 +316,14 @@ class Strategy:
         order = torch.randperm(len(data), generator=self.generator, device=self.device)
         size = self.training.batch_size
         pipeline = self.context.pipeline
-        decode_ahead = not pipeline.params.augments
         chunk = _chunk_samples(data, pipeline.output_shape, size)
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
             raw, y, t = data.inputs(idx), rows(data.y, idx), data.task_ids(idx)
-            x = self.prepare(raw) if decode_ahead else None
+            x = None if pipeline.params.augments else self.prepare(raw)
             for a in range(0, len(idx), size):
                 b = a + size
-                yield Batch(x[a:b] if decode_ahead else self.prepare(raw[a:b]), y[a:b], t[a:b], raw[a:b])
+                yield Batch(self.prepare(raw[a:b]) if x is None else x[a:b], y[a:b], t[a:b], raw[a:b])
 
     def steps_per_experience(self, exp: Experience) -> int:
         """Number of train_step calls `fit(exp)` makes (for progress bars)."""

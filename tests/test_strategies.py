@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cl.strategy
+import cl.training
 from cl.config import build_experiment, load_experiment
 from cl.errors import UserError
 from cl.params import param
@@ -462,6 +463,48 @@ def test_gradient_clipping_bounds_the_step():
     strategy.fit(scenario.train[0])  # one full-batch step of plain SGD, lr 1
     moved = torch.cat([(p - b).flatten() for p, b in zip(strategy.model.parameters(), before)])
     assert moved.norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def _sgd_trajectory(optimizer_class, monkeypatch=None, **options):
+    """Parameters after 12 steps of `optimizer_class` on fixed random gradients (two groups, some gradients
+    missing), and how often torch.optim.SGD's own step ran."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape)) for shape in [(64, 49), (64,), (10, 64), (10,)]]
+    optimizer = optimizer_class([{"params": params[:2], "lr": 0.013}, {"params": params[2:], "lr": 0.13}],
+                                lr=0.013, **options)
+    torch_steps = []
+    if monkeypatch is not None:
+        torch_step = torch.optim.SGD.step
+        monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: torch_steps.append(1) or torch_step(*a, **k))
+    grads = torch.Generator().manual_seed(1)
+    for i in range(12):
+        optimizer.zero_grad()
+        for j, p in enumerate(params):
+            if (i + j) % 5:
+                p.grad = torch.randn(p.shape, generator=grads)
+        optimizer.step()
+    return params, len(torch_steps)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.5}, {"weight_decay": 0.01}])
+def test_direct_sgd_steps_exactly_as_torch_sgd_and_directly_when_plain(options, monkeypatch):
+    ours, torch_steps = _sgd_trajectory(cl.training.DirectSGD, monkeypatch, **options)
+    reference, _ = _sgd_trajectory(torch.optim.SGD, **options)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))  # bit for bit
+    assert torch_steps == (0 if not options else 12)  # plain SGD bypasses torch's step; the rest use it
+
+
+def test_direct_sgd_runs_optimizer_hooks_through_torchs_step():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.ones(3))
+    optimizer = cl.training.DirectSGD([p], lr=0.5)
+    calls = []
+    optimizer.register_step_post_hook(lambda *_: calls.append(1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        p.grad = torch.ones(3)
+        optimizer.step()
+    assert calls == [1, 1, 1] and torch.equal(p.detach(), torch.full((3,), -0.5))
 
 
 # ---------------------------------------------------------------- settings and models a strategy supports

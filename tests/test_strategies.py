@@ -488,8 +488,8 @@ def _sgd_trajectory(optimizer_class, monkeypatch=None, **options):
 
 @pytest.mark.parametrize("options", [{}, {"momentum": 0.5}, {"weight_decay": 0.01}])
 def test_direct_sgd_steps_exactly_as_torch_sgd_and_directly_when_plain(options, monkeypatch):
+    reference, _ = _sgd_trajectory(torch.optim.SGD, **options)  # before torch's step is patched to count
     ours, torch_steps = _sgd_trajectory(cl.training.DirectSGD, monkeypatch, **options)
-    reference, _ = _sgd_trajectory(torch.optim.SGD, **options)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))  # bit for bit
     assert torch_steps == (0 if not options else 12)  # plain SGD bypasses torch's step; the rest use it
 

@@ -3,7 +3,8 @@ import io
 import pytest
 import torch
 
-from cl.buffers import Buffer, ClassBalanced, Herding, Reservoir, RingPerTask, herding_order, water_fill
+from cl.buffers import Buffer, ClassBalanced, Herding, Reservoir, RingPerTask, herding_order, water_fill, \
+    write_rows
 from tests.helpers import DEVICES
 
 
@@ -103,6 +104,27 @@ def test_a_batch_rejected_whole_writes_nothing():
                 [10 * k + i for i, s in enumerate(slots) if s < 40]
         before = {name: value.clone() for name, value in buf.fields.items()}
     assert rejected > 50 and accepted > 10
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32, torch.bfloat16])
+def test_write_rows_from_a_list_equals_torchs_indexed_write(dtype):
+    """The CPU's numpy write of listed rows (bfloat16: torch's write) gives what torch's indexed write gives,
+    repeated rows (the scratch row) included, and bumps the version counter as torch's write does, so
+    autograd still refuses a gradient through a saved copy that the write made stale."""
+    values = (torch.arange(5 * 6).reshape(5, 2, 3) % 200).to(dtype)
+    index = [4, 0, 6, 2, 6]
+    expected = torch.zeros(7, 2, 3, dtype=dtype)
+    expected[torch.tensor(index)] = values
+    target = torch.zeros(7, 2, 3, dtype=dtype)
+    write_rows(target, index, values)
+    assert torch.equal(target, expected)
+    if dtype.is_floating_point:
+        weight = torch.ones(3, requires_grad=True)
+        memory = torch.zeros(7, 3, dtype=dtype)
+        loss = (weight.to(dtype) * memory).sum()  # saves `memory` for the backward pass
+        write_rows(memory, [1], torch.ones(1, 3, dtype=dtype))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_every_sample_is_kept_with_equal_probability():

@@ -10,8 +10,10 @@ experiences (`cl.interop.avalanche.to_avalanche`, exported before the clock star
 the whole test stream after every experience in its own way (ours: `cl.evaluation`; Avalanche: its
 `eval` with experience accuracy), and ACC is the mean of the last row (in class-IL the last row is
 not masked by the classes seen, so the two definitions agree there). Repetition r uses seed r on both
-sides; the two sides alternate which goes first. Stacked: our runs of seeds 0..k-1 trained as one model
-(`run_stacked`), their wall time divided by k (strategies that cannot stack: not measured).
+sides. Stacked: our runs of seeds 0..k-1 trained as one model (`run_stacked`), their wall time divided by k
+(strategies that cannot stack: not measured), once per repetition. Within a repetition the sides take
+turns at going first; each ratio is the median over repetitions of that repetition's Avalanche time
+over ours, so a slow spell of the machine weighs on both sides of a ratio (seconds: medians).
 
     python benchmarks/vs_avalanche.py [--protocols quickstart gem] [--strategies naive er gem agem lwf ewc]
                                       [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR] [--threads N]
@@ -121,39 +123,45 @@ def main() -> None:
             cfg = experiment(protocol, ours_table, args.data_dir)
             datasets = load_datasets(cfg.datasets)
             component = cfg.strategies[0]
-            times = {"ours": [], "avalanche": []}
+            strategy_class = STRATEGIES.get(component.name).obj
+            stacks = args.stack > 1 and stacking_problem(strategy_class) is None
+            times = {"ours": [], "avalanche": [], "stacked": []}
             accs = {"ours": [], "avalanche": []}
+            seeds = list(range(args.stack)) if stacks else []
+            stacked_scenarios = [build_scenario(cfg, datasets, s).to(device) for s in seeds]
             for rep in range(args.repeats):
                 scenario = build_scenario(cfg, datasets, rep).to(device)
                 pipeline = input_pipeline(cfg, scenario, device)
                 benchmark = to_avalanche(scenario, pipeline)
                 model = copy.deepcopy(build_strategy(component, cfg, scenario, device, rep, pipeline).model)
-                sides = ["ours", "avalanche"] if rep % 2 == 0 else ["avalanche", "ours"]
+                sides = ["ours", "avalanche"] + (["stacked"] if stacks else [])
+                sides = sides[rep % len(sides):] + sides[:rep % len(sides)]  # each side goes first in turn
                 for side in sides:
                     t0 = time.perf_counter()
                     if side == "ours":
                         record = run_one(cfg, component, scenario, rep, device, progress=False, pipeline=pipeline)
                         if record.status != "completed":
                             print(f"{pname} {name} seed {rep}: ours {record.stopped()}", flush=True)
-                        acc = record.metrics.acc if record.metrics.acc is not None else float("nan")
+                        accs[side].append(record.metrics.acc if record.metrics.acc is not None else float("nan"))
+                    elif side == "avalanche":
+                        accs[side].append(avalanche_run(av_class, av_kwargs, copy.deepcopy(model), benchmark,
+                                                        protocol["lr"], device, rep))
                     else:
-                        acc = avalanche_run(av_class, av_kwargs, copy.deepcopy(model), benchmark, protocol["lr"],
-                                            device, rep)
-                    times[side].append(time.perf_counter() - t0)
-                    accs[side].append(acc)
+                        run_stacked(cfg, component, stacked_scenarios, seeds, device, progress=False)
+                    times[side].append((time.perf_counter() - t0) / (args.stack if side == "stacked" else 1))
+            ratio = _paired_ratio(times["avalanche"], times["ours"])
             stacked = ratio_stacked = "-"
-            strategy_class = STRATEGIES.get(component.name).obj
-            if args.stack > 1 and stacking_problem(strategy_class) is None:
-                seeds = list(range(args.stack))
-                scenarios = [build_scenario(cfg, datasets, s).to(device) for s in seeds]
-                t0 = time.perf_counter()
-                run_stacked(cfg, component, scenarios, seeds, device, progress=False)
-                per_run = (time.perf_counter() - t0) / len(seeds)
-                stacked = f"{per_run:.1f}"
-                ratio_stacked = f"{statistics.median(times['avalanche']) / per_run:.2f}x"
-            ours, theirs = statistics.median(times["ours"]), statistics.median(times["avalanche"])
-            print(" | ".join([pname, name, _mean_sd(accs["ours"]), _mean_sd(accs["avalanche"]), f"{ours:.1f}",
-                              f"{theirs:.1f}", f"{theirs / ours:.2f}x", stacked, ratio_stacked]), flush=True)
+            if stacks:
+                stacked = f"{statistics.median(times['stacked']):.1f}"
+                ratio_stacked = f"{_paired_ratio(times['avalanche'], times['stacked']):.2f}x"
+            print(" | ".join([pname, name, _mean_sd(accs["ours"]), _mean_sd(accs["avalanche"]),
+                              f"{statistics.median(times['ours']):.1f}", f"{statistics.median(times['avalanche']):.1f}",
+                              f"{ratio:.2f}x", stacked, ratio_stacked]), flush=True)
+
+
+def _paired_ratio(theirs: list[float], ours: list[float]) -> float:
+    """The median over repetitions of their time over ours in the same repetition."""
+    return statistics.median(a / b for a, b in zip(theirs, ours))
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -83,12 +83,11 @@ def avalanche_experience(exp: Experience, pipeline: InputPipeline | None) -> Any
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Avalanche warns that no logger is set (ours record the run) and about its own deprecations.
-    Its deprecated functions put a "once" filter for DeprecationWarning in front of ours at every
-    call (Replay's buffer update: one warning per experience), so those are dropped where warnings
-    are shown rather than by a filter."""
+    Its deprecated functions put a "once" filter for DeprecationWarning in front of any of ours at
+    every call (Replay's buffer update: one warning per experience), so those are dropped where
+    warnings are shown rather than by a filter."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No loggers specified")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
         show = warnings.showwarning
 
         def show_all_but_deprecations(message, category, *args, **kwargs):  # noqa: ANN001

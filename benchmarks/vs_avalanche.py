@@ -2,7 +2,9 @@
 
 Protocols:
 - quickstart: Split Fashion-MNIST class-IL (5 x 2 classes), MLP 784-256-256-10, SGD lr 0.01, batch 10, 1 epoch;
-- gem: permuted MNIST-5k (20 tasks x 1000 samples), MLP 784-100-100-10, SGD lr 0.1, batch 10, 1 epoch.
+- gem: permuted MNIST-5k (20 tasks x 1000 samples), MLP 784-100-100-10, SGD lr 0.1, batch 10, 1 epoch;
+- cnn: split MNIST-5k class-IL (5 x 2 classes), resnet18_reduced (GEM's ResNet-18, 20 base channels,
+  batch norm), SGD lr 0.03, batch 10, 1 epoch (meant for --device cuda; its runs do not stack).
 
 For each strategy, ours and Avalanche's (naive/Naive, er/Replay, gem/GEM, agem/AGEM, lwf/LwF, ewc/EWC)
 train from the same initial weights (our model, built from the run's seed, deep-copied) on the same
@@ -15,7 +17,7 @@ sides. Stacked: our runs of seeds 0..k-1 trained as one model (`run_stacked`), t
 turns at going first; each ratio is the median over repetitions of that repetition's Avalanche time
 over ours, so a slow spell of the machine weighs on both sides of a ratio (seconds: medians).
 
-    python benchmarks/vs_avalanche.py [--protocols quickstart gem] [--strategies naive er gem agem lwf ewc]
+    python benchmarks/vs_avalanche.py [--protocols quickstart gem cnn] [--strategies naive er gem agem lwf ewc]
                                       [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR] [--threads N]
 """
 from __future__ import annotations
@@ -47,6 +49,11 @@ PROTOCOLS = {
         "scenario": {"name": "permuted", "n_experiences": 20, "train_per_experience": 1000},
         "model": {"name": "mlp", "hidden": [100, 100]}, "lr": 0.1,
         "buffer": 5120, "memory_per_task": 256, "ewc_lambda": 1.0,  # 100 and 10 at lr 0.1: our run diverges
+    },
+    "cnn": {  # the protocol of benchmarks/cuda_vs_cpu.py; batch norm: our runs train alone, unstacked
+        "dataset": {"name": "mnist5k"}, "scenario": {"name": "class_incremental", "n_experiences": 5},
+        "model": {"name": "resnet18_reduced"}, "lr": 0.03,
+        "buffer": 500, "memory_per_task": 100, "ewc_lambda": 100.0,
     },
 }
 
@@ -100,7 +107,8 @@ def avalanche_run(cls_name: str, kwargs: dict, model: torch.nn.Module, benchmark
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--protocols", nargs="+", default=["quickstart", "gem"], choices=list(PROTOCOLS),
+                        help="default quickstart gem (cnn: on request, for a GPU)")
     parser.add_argument("--strategies", nargs="+", default=["naive", "er", "gem", "agem", "lwf", "ewc"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stack", type=int, default=3, help="seeds per stacked group (0: no stacked rows)")
@@ -124,7 +132,9 @@ def main() -> None:
             datasets = load_datasets(cfg.datasets)
             component = cfg.strategies[0]
             strategy_class = STRATEGIES.get(component.name).obj
-            stacks = args.stack > 1 and stacking_problem(strategy_class) is None
+            first = build_scenario(cfg, datasets, 0).to(device)
+            backbone = build_strategy(component, cfg, first, device, 0, input_pipeline(cfg, first, device)).model
+            stacks = args.stack > 1 and stacking_problem(strategy_class, backbone) is None  # as `cl run` decides
             times = {"ours": [], "avalanche": [], "stacked": []}
             accs = {"ours": [], "avalanche": []}
             seeds = list(range(args.stack)) if stacks else []

@@ -137,7 +137,7 @@ class StackedRuns:
     """Trains one experience of several member strategies (same class and shapes) at once."""
 
     def __init__(self, members: list[Strategy], graphs: bool = False):
-        problem = stacking_problem(type(members[0]))
+        problem = stacking_problem(type(members[0]), members[0].model)
         if problem is not None:
             raise ValueError(f"{type(members[0]).__name__} cannot run stacked: {problem}")
         self.members = members

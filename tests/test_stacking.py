@@ -248,6 +248,9 @@ def test_seeds_are_grouped_by_shape_and_unstackable_strategies_run_alone():
     backbone = build_strategy(resnet.strategies[0], resnet, scenarios[0], CPU, 0).model
     assert "batch-norm" in stacking_problem(er, backbone)
     assert stack_groups(component, SEEDS, scenarios, True, set(), backbone) == [[0], [1], [2]]
+    members = [build_strategy(resnet.strategies[0], resnet, scenarios[seed], CPU, seed) for seed in SEEDS]
+    with pytest.raises(ValueError, match="batch-norm"):  # also when run_stacked is called directly
+        StackedRuns(members)
 
     class Overriding(er):
         def loss(self, batch):

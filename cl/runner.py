@@ -389,6 +389,7 @@ def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
         threads.rebalance()
         experiences = [run.scenario.train[i] for run in live]
         who = ",".join(run.name for run in live)
+        engine = None
         try:
             with live[0].progress_bar(i, live[0].strategy.steps_per_experience(experiences[0]), progress, who) as bar:
                 if len(live) == 1 and not graphs:
@@ -400,13 +401,23 @@ def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
                         log(f"{live[0].component.label} {who} exp {i + 1}: {engine.graphs.summary()}")
         except (KeyboardInterrupt, UserError):
             raise
-        except Exception as exc:  # a step of the stack failed: every run in it stopped there
+        except Exception as exc:  # a step of the stack failed: every run still in it stopped there
+            _stop_diverged(live, engine)
             for run in live:
-                run.stop(exc)
+                if run.running:
+                    run.stop(exc)
             continue
+        _stop_diverged(live, engine)
         for run in live:
-            with run.recording():
-                run.after_experience(i)
+            if run.running:
+                with run.recording():
+                    run.after_experience(i)
+
+
+def _stop_diverged(runs: list[Run], engine: StackedRuns | None) -> None:
+    """Stop the runs whose members diverged and left the stack (the others went on training)."""
+    for strategy, exc in engine.stopped if engine is not None else []:
+        next(run for run in runs if run.strategy is strategy).stop(exc)
 
 
 def stack_signature(scenario: Scenario) -> tuple:

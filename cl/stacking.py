@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from cl.data import Experience
+from cl.divergence import Diverged
 from cl.gradients import grad_or_zeros
 from cl.graphs import StepGraphs
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
@@ -140,28 +141,40 @@ class StackedRuns:
         problem = stacking_problem(type(members[0]), members[0].model)
         if problem is not None:
             raise ValueError(f"{type(members[0]).__name__} cannot run stacked: {problem}")
-        self.members = members
-        self.template = members[0]  # its objective runs vmapped with every member's tensors bound
-        self.training = self.template.training
-        self.varying_params, varying_training = member_differences(members)
-        # Each member steps its slices with its own optimizer (clipping is per member either way).
-        self.own_optimizers = any(name != "grad_clip_norm" for name in varying_training)
+        self._adopt(members)
         self.optimizer: torch.optim.Optimizer | None = None
         self.graphs: StepGraphs | None = None
+        #: Members whose loss monitor stopped them (divergence), with why; they have left the stack.
+        self.stopped: list[tuple[Strategy, Diverged]] = []
         if graphs and self.own_optimizers:
             raise ValueError("stacked runs with different training parameters cannot run with CUDA graphs")
         if graphs:  # one per experience: the parameters are stacked anew at each
             problem = graph_problem(type(self.template), self.template.device)
             if problem is not None:
                 raise ValueError(f"{type(self.template).__name__} cannot run with CUDA graphs: {problem}")
-            count = self.template.compute
-            self.graphs = StepGraphs(self._device_step, lambda: (count.forward_samples, count.backward_samples),
-                                     count.add_samples)
+            self.graphs = StepGraphs(self._device_step, self._sample_counts,
+                                     lambda forward, backward: self.template.compute.add_samples(forward, backward))
+
+    def _adopt(self, members: list[Strategy]) -> None:
+        """Train these members (at the start, and again when some have left the stack)."""
+        self.members = members
+        self.template = members[0]  # its objective runs vmapped with every member's tensors bound
+        self.training = self.template.training
+        self.varying_params, varying_training = member_differences(members)
+        # Each member steps its slices with its own optimizer (clipping is per member either way).
+        self.own_optimizers = any(name != "grad_clip_norm" for name in varying_training)
+
+    def _sample_counts(self) -> tuple[int, int]:
+        count = self.template.compute
+        return count.forward_samples, count.backward_samples
 
     # ----- one experience ------------------------------------------------------------------
     def fit(self, experiences: list[Experience], progress: Any = None) -> None:
         """What `Strategy.fit` does, for every member on its own experience: each trains on its
-        `training_data` (the same length for all, or None for all)."""
+        `training_data` (the same length for all, or None for all). A member whose loss monitor stops it
+        (divergence) leaves the stack at that step, as its run alone would stop there; the others go on
+        (`stopped` lists who left, and why)."""
+        experience_of = {id(member): exp for member, exp in zip(self.members, experiences)}
         for member, exp in zip(self.members, experiences):
             member.begin_fit(exp)
         data = [member.training_data(exp) for member, exp in zip(self.members, experiences)]
@@ -171,9 +184,16 @@ class StackedRuns:
         self._stack()
         try:
             for _ in range(self.training.epochs if data[0] is not None else 0):
-                streams = [member.batches(d) for member, d in zip(self.members, data)]
-                for batches in zip(*streams):
-                    self.train_step(list(batches))
+                streams = {id(member): iter(member.batches(d)) for member, d in zip(self.members, data)}
+                while self.members:
+                    try:
+                        batches = [next(streams[id(member)]) for member in self.members]
+                    except StopIteration:  # every stream has the same length
+                        break
+                    left = len(self.stopped)
+                    self.train_step(batches)
+                    if len(self.stopped) > left:
+                        self._leave([member for member, _ in self.stopped[left:]])
                     if progress is not None:
                         progress.update(1)
         finally:
@@ -181,14 +201,29 @@ class StackedRuns:
                 self._hand_back_optimizer()
             if self.graphs is not None:
                 self.graphs.release()
-        for member, exp in zip(self.members, experiences):
-            member.end_fit(exp)
+        for member in self.members:
+            member.end_fit(experience_of[id(member)])
 
-    def _stack(self) -> None:
+    def _leave(self, stopped: list[Strategy]) -> None:
+        """Stack the members that go on anew, each with its optimizer state, without those that stopped."""
+        if not self.own_optimizers:
+            self._hand_back_optimizer()  # every member's optimizer now holds its slice of the state
+        if self.graphs is not None:
+            self.graphs.release()  # recorded with the old stack's tensors
+        members = [member for member in self.members if all(member is not s for s in stopped)]
+        self.members = members
+        if members:
+            self._adopt(members)
+            self._stack(carry_optimizers=True)
+
+    def _stack(self, carry_optimizers: bool = False) -> None:
         """Stack the members' parameters and buffers (members' tensors become views of the stack), the
-        objective's member state, and an optimizer over the stack with the members' state."""
-        for member in self.members:  # each run's own optimizer, as when it trains alone (its hooks may read it)
-            member._prepare_optimizer()
+        objective's member state, and an optimizer over the stack with the members' state. At the start
+        of an experience each member first prepares its optimizer as when it trains alone; with
+        `carry_optimizers` (in the middle of one) their optimizers and state carry on as they are."""
+        if not carry_optimizers:
+            for member in self.members:  # each run's own optimizer, as when it trains alone (its hooks may read it)
+                member._prepare_optimizer()
         models = [m.model for m in self.members]
         for model in models[1:]:
             if [n for n, _ in model.named_parameters()] != [n for n, _ in models[0].named_parameters()]:
@@ -235,22 +270,23 @@ class StackedRuns:
         self._clip_norms = torch.tensor([c if c > 0 else float("inf") for c in clip], device=self.template.device) \
             if any(c > 0 for c in clip) else None
         if not self.own_optimizers:  # else each member's optimizer steps its parameters, views of its slices
-            self._build_optimizer()
+            self._build_optimizer(carry_optimizers)
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
         # Kept per-run data that member_state does not list: hidden from the template while it stands for
         # every member, so an objective that reads it fails instead of giving every run the first run's.
         self._hidden = [name for name in template.kept
                         if name not in template.member_state and _per_run(getattr(template, name, None))]
 
-    def _build_optimizer(self) -> None:
+    def _build_optimizer(self, carry_state: bool = False) -> None:
         """One optimizer over the stack: the template's parameter groups, each member parameter replaced
-        by its stack; with optimizer_policy = "keep", the members' optimizer state stacked into it."""
+        by its stack; with optimizer_policy = "keep" or `carry_state`, the members' optimizer state
+        stacked into it."""
         template = self.template
         by_id = {id(p): name for name, p in template.model.named_parameters()}
         groups = template._parameter_groups()
         stacked_groups = [{**g, "params": [self.parameters[by_id[id(p)]] for p in g["params"]]} for g in groups]
         self.optimizer = make_optimizer(stacked_groups, self.training, capturable=self.graphs is not None)
-        if self.training.optimizer_policy != "keep":
+        if self.training.optimizer_policy != "keep" and not carry_state:
             return
         member_params = zip(*[_optimized(m.optimizer) for m in self.members])
         for stacked, params in zip(_optimized(self.optimizer), member_params):
@@ -293,10 +329,16 @@ class StackedRuns:
             self._update()
         else:
             outs = self._outputs(self._counted(self.graphs or self._device_step, inputs))
-        for member, out in zip(members, outs):
-            if member.loss_monitor is not None:
-                member.loss_monitor.add(out.loss.detach())
+        going_on = []
         for member, batch, out in zip(members, batches, outs):
+            try:
+                if member.loss_monitor is not None:
+                    member.loss_monitor.add(out.loss.detach())
+            except Diverged as exc:  # alone, the run would stop here, before its after_step
+                self.stopped.append((member, exc))
+            else:
+                going_on.append((member, batch, out))
+        for member, batch, out in going_on:
             member.after_step(batch, out)
             for name, value in out.terms.items():
                 member.log(name, value)

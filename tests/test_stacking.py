@@ -10,8 +10,8 @@ import cl.stacking
 from cl.graphs import Captured
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
 from cl.registry import STRATEGIES
-from cl.runner import (build_scenario, build_strategy, check_experiment, load_datasets, run_experiment, run_one,
-                       run_stacked, stack_groups, stack_signature)
+from cl.runner import (Run, build_scenario, build_strategy, check_experiment, load_datasets, run_experiment,
+                       run_one, run_stacked, stack_groups, stack_signature, train_together)
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import StepOutput, Strategy
@@ -164,6 +164,40 @@ def test_run_experiment_stacks_seeds_and_stores_each_run(tmp_path):
             (a.budgets.forward_samples, a.budgets.backward_samples, a.budgets.memory_bytes)
         assert s.metrics.acc > 0.25  # it learned (chance: 0.1)
     assert len({r.metrics.acc for r in stacked if r.strategy == "er"}) == 3  # three different runs
+
+
+def test_a_member_that_diverges_leaves_the_stack_and_the_others_go_on():
+    """A sweep's trial with a learning rate that blows up stops where its run alone stops (same step,
+    same compute), while the trials stacked with it train on to the matrices of their runs alone. The
+    diverging member is the first (the template) and the only one with its own learning rate, so the
+    two left continue under one optimizer over a new stack, carrying their momentum."""
+    cfgs = [digits_experiment([{"name": "er", "buffer_size": 50}], hidden=[32], lr=lr, momentum=0.5,
+                              n_experiences=3) for lr in (1e4, 0.05, 0.05)]
+    for cfg in cfgs:
+        cfg.divergence.check_every = 5
+    scenario = build_scenario(cfgs[0], load_datasets(cfgs[0].datasets), 0)
+    make = lambda cfg, seed: Run(cfg, cfg.strategies[0], scenario, seed, CPU, None, None, False)  # noqa: E731
+    alone = [make(cfg, seed) for cfg, seed in zip(cfgs, SEEDS)]
+    for run in alone:
+        train_together([run], progress=False)
+    stacked = [make(cfg, seed) for cfg, seed in zip(cfgs, SEEDS)]
+    train_together(stacked, progress=False)
+    records = [[run.record() for run in runs] for runs in (alone, stacked)]
+    for a, s in zip(*records):
+        assert s.status == a.status
+        where = lambda r: r.failure and (r.failure["experience"], r.failure["step"], r.failure["reason"])  # noqa: E731
+        assert where(s) == where(a)
+        assert (s.budgets.forward_samples, s.budgets.backward_samples) == \
+            (a.budgets.forward_samples, a.budgets.backward_samples)
+    diverged = records[1][0]
+    assert diverged.status == "diverged" and diverged.failure["experience"] == 1 and diverged.failure["step"] < 20
+    for a, s in zip(records[0][1:], records[1][1:]):
+        assert s.status == "completed" and s.metrics.acc > 0.4
+        assert np.abs(np.array(s.matrix) - np.array(a.matrix)).max() <= 0.01
+    assert records[1][1].metrics.acc != records[1][2].metrics.acc  # two different runs
+    for a, s in zip(alone[1:], stacked[1:]):
+        for pa, ps in zip(a.strategy.model.parameters(), s.strategy.model.parameters()):
+            assert torch.allclose(pa, ps, atol=1e-5, rtol=0)
 
 
 def test_hooks_of_stacked_runs_see_their_own_optimizer(monkeypatch):

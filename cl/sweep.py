@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -231,9 +232,15 @@ class Sweep:
         return tuple(values[d.name] for d in self.dimensions if not d.changes_no_shape)
 
     def identity(self) -> dict[str, Any]:
-        """Stored with the study; a later worker must sweep the same thing."""
-        return {"experiment": self.raw["name"], "label": self.label, "metric": self.metric, "seed": self.seed,
-                "space": [d.describe() for d in self.dimensions]}
+        """Stored with the study; a later worker must sweep the same thing: the same space, metric and
+        seed, on the same setup (dataset, scenario, model, the training and validation settings, the
+        strategy's fixed parameters), so that no study mixes trials of two setups. Data folders and the
+        code version are left out: workers on other machines, and a fixed bug, continue a study."""
+        first = self.first_config()  # the swept values at their first ends: fixed for a space
+        identity = {"experiment": self.raw["name"], "label": self.label, "metric": self.metric, "seed": self.seed,
+                    "space": [d.describe() for d in self.dimensions], "setup": first.setup_identity(),
+                    "strategy": first.strategies[0].as_dict()}
+        return json.loads(json.dumps(identity))  # as the study stores it (tuples become lists)
 
 
 def prepare_sweep(path: str | Path, overrides: list[str], label: str | None, metric: str, seed: int | None,
@@ -332,9 +339,18 @@ def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sample
     if known is None:
         study.set_user_attr("sweep", sweep.identity())
     elif known != sweep.identity():
-        raise UserError(f"study {sweep.study_name!r} in {url} sweeps {known}, not {sweep.identity()}; "
+        changed = ", ".join(differing_keys(known, sweep.identity())[:4])
+        raise UserError(f"study {sweep.study_name!r} in {url} sweeps another setup (differs in {changed}); "
                         f"use the same file and options, or another --study")
     return study
+
+
+def differing_keys(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted paths at which two JSON-like values differ, e.g. ['setup.model.hidden', 'metric']."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [path for key in sorted(set(a) | set(b), key=str)
+                for path in differing_keys(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))]
+    return [] if a == b else [where or "<the whole identity>"]
 
 
 def counts_towards(trial: optuna.trial.FrozenTrial) -> bool:

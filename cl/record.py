@@ -6,6 +6,7 @@ A record is written once, when the run has finished, and stored as JSON
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 Matrix = list[list[float | None]]
@@ -114,7 +115,9 @@ class RunRecord:
                 "evaluated_on": self.evaluated_on, "study": None if self.sweep is None else self.sweep["study"]}
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record as JSON data; non-finite floats (a diverged run's NaN log means) become None, since
+        JSON has no NaN and PostgreSQL's json type refuses the token Python's json module writes."""
+        return _finite(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunRecord":
@@ -124,3 +127,16 @@ class RunRecord:
             values["task_il_metrics"] = Metrics(**values["task_il_metrics"])
         values["budgets"] = Budgets(**values["budgets"])
         return cls(**values)
+
+
+def _finite(value: Any) -> Any:
+    """value with every NaN or infinite float inside it (dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_finite(v) for v in value)
+    return value

@@ -1,6 +1,7 @@
 """The result store (round trip, replacement, atomic writes, URLs) and run reproducibility."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import sqlite3
@@ -16,6 +17,7 @@ from cl.errors import UserError
 from cl.record import RunRecord
 from cl.runner import build_scenario, check_experiment, load_datasets, run_experiment, run_one
 from cl.store import HEADLINE, ResultStore, runs
+from tests.postgres_server import postgres_server, postgres_unavailable
 
 CPU = torch.device("cpu")
 
@@ -132,6 +134,25 @@ def test_store_of_an_older_schema_is_refused_with_one_line(tmp_path):
     con.close()
     with pytest.raises(UserError, match="written by an older cl .*use a new --store file"):
         ResultStore(f"sqlite:///{path}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_non_finite_logs_are_stored_as_null(backend, tmp_path, rec):
+    """A run that diverged at an experience's end keeps NaN/inf log means (EWC's penalty). JSON has no
+    NaN and PostgreSQL's json type refused the token, so such a run could not be stored there."""
+    rec.status, rec.logs = "diverged", {"penalty": [0.5, float("nan"), float("inf")]}
+    with contextlib.ExitStack() as stack:
+        if backend == "postgresql":
+            reason = postgres_unavailable()
+            if reason:
+                pytest.skip(reason)
+            url = stack.enter_context(postgres_server())
+        else:
+            url = f"sqlite:///{tmp_path / 'x.db'}"
+        store = ResultStore(url)
+        stored = store.get(store.write(rec))
+    assert stored.status == "diverged" and stored.logs == {"penalty": [0.5, None, None]}
+    assert dataclasses.replace(stored, id=None, logs=rec.logs) == rec  # nothing else changed
 
 
 def test_failed_write_leaves_store_unchanged(store_url, rec):

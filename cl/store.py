@@ -9,9 +9,10 @@ with the same key, so a run is stored completely or not at all.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -158,11 +159,8 @@ class ResultStore:
         query = sa.select(*cols).order_by(runs.c.id)
         if experiment is not None:
             query = query.where(runs.c.experiment == experiment)
-        try:
-            with self.engine.connect() as conn:
-                return [dict(r._mapping) for r in conn.execute(query)]
-        except OperationalError as exc:
-            raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
+        with self._reading() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def records(self, status: str | None = None, study: str | None = None) -> list[RunRecord]:
         """Full records of the stored runs (optionally of one status, or of one sweep's study), oldest first."""
@@ -171,25 +169,32 @@ class ResultStore:
             query = query.where(runs.c.status == status)
         if study is not None:
             query = query.where(runs.c.study == study)
-        try:
-            with self.engine.connect() as conn:
-                return [self._record(row) for row in conn.execute(query)]
-        except OperationalError as exc:
-            raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
+        with self._reading() as conn:
+            return [self._record(row) for row in conn.execute(query)]
 
     def completed(self, run_key: str) -> RunRecord | None:
         """The completed run with this key, if the store has one."""
         query = sa.select(runs.c.id, runs.c.record).where(runs.c.run_key == run_key, runs.c.status == "completed")
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(query).first()
         return None if row is None else self._record(row)
 
     def get(self, run_id: int) -> RunRecord:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(sa.select(runs.c.id, runs.c.record).where(runs.c.id == run_id)).first()
         if row is None:
             raise UserError(f"no run with id {run_id} in {self.url}; list them with `cl runs`")
         return self._record(row)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection for reading; a store that cannot be read (locked past the busy timeout, a
+        server gone, a table missing) is one line naming it, not a traceback."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise UserError(f"cannot read result store {self.url!r}: {str(exc).splitlines()[0]}") from None
 
     @staticmethod
     def _record(row: Any) -> RunRecord:

@@ -155,6 +155,16 @@ def test_non_finite_logs_are_stored_as_null(backend, tmp_path, rec):
     assert dataclasses.replace(stored, id=None, logs=rec.logs) == rec  # nothing else changed
 
 
+def test_a_store_that_cannot_be_read_is_one_line_for_every_read(store_url, rec):
+    """`cl run --resume` (completed), `cl show` (get), the leaderboard (records) and `cl runs` (list_runs)."""
+    store = ResultStore(store_url)
+    run_id = store.write(rec)
+    sqlite3.connect(store_url.removeprefix("sqlite:///")).execute("drop table runs")
+    for read in (lambda: store.completed(rec.run_key), lambda: store.get(run_id), store.records, store.list_runs):
+        with pytest.raises(UserError, match="cannot read result store .*no such table: runs"):
+            read()
+
+
 def test_failed_write_leaves_store_unchanged(store_url, rec):
     store = ResultStore(store_url)
     run_id = store.write(rec)

@@ -210,10 +210,9 @@ class StackedRuns:
             self._hand_back_optimizer()  # every member's optimizer now holds its slice of the state
         if self.graphs is not None:
             self.graphs.release()  # recorded with the old stack's tensors
-        members = [member for member in self.members if all(member is not s for s in stopped)]
-        self.members = members
-        if members:
-            self._adopt(members)
+        self.members = [member for member in self.members if all(member is not s for s in stopped)]
+        if self.members:
+            self._adopt(self.members)
             self._stack(carry_optimizers=True)
 
     def _stack(self, carry_optimizers: bool = False) -> None:

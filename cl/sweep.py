@@ -50,6 +50,7 @@ from cl.config import ExperimentConfig, build_experiment, read_toml
 from cl.errors import Pruned, UserError
 from cl.registry import STRATEGIES
 from cl.data import LabelledData
+from cl.resume import changes
 from cl.runner import Run, build_scenario, input_pipeline, model_spec, train_alone, train_together
 from cl.stacking import PER_MEMBER_TRAINING, stacking_problem
 from cl.footprint import meta_model
@@ -338,19 +339,11 @@ def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sample
     known = study.user_attrs.get("sweep")
     if known is None:
         study.set_user_attr("sweep", sweep.identity())
-    elif known != sweep.identity():
-        changed = ", ".join(differing_keys(known, sweep.identity())[:4])
-        raise UserError(f"study {sweep.study_name!r} in {url} sweeps another setup (differs in {changed}); "
-                        f"use the same file and options, or another --study")
+    elif known != (identity := sweep.identity()):
+        diff = changes(known, identity)
+        raise UserError(f"study {sweep.study_name!r} in {url} sweeps another setup ({'; '.join(diff[:3])}"
+                        f"{'; ...' if len(diff) > 3 else ''}); use the same file and options, or another --study")
     return study
-
-
-def differing_keys(a: Any, b: Any, where: str = "") -> list[str]:
-    """Dotted paths at which two JSON-like values differ, e.g. ['setup.model.hidden', 'metric']."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [path for key in sorted(set(a) | set(b), key=str)
-                for path in differing_keys(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))]
-    return [] if a == b else [where or "<the whole identity>"]
 
 
 def counts_towards(trial: optuna.trial.FrozenTrial) -> bool:

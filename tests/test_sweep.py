@@ -260,11 +260,12 @@ def test_best_writes_an_experiment_for_cl_run_and_report_plots(tmp_path, capsys)
         assert (tmp_path / "report" / name).stat().st_size > 10_000
     assert main(["sweep", *common[:-2], "--store", f"sqlite:///{tmp_path / 'cl.db'}", "--metric", "forgetting",
                  "--trials", "1"]) == 2  # the study sweeps acc
-    assert "sweeps another setup (differs in metric)" in capsys.readouterr().err
-    for override, changed in [("model.hidden=[16]", "setup.model.hidden"), ("validation.fraction=0.3",
-                               "setup.validation.fraction"), ("strategies.der_pp.buffer_size=50", "strategy.buffer_size")]:
+    assert "sweeps another setup (metric: 'acc' -> 'forgetting')" in capsys.readouterr().err
+    for override, changed in [("model.hidden=[16]", "setup.model.hidden: [32] -> [16]"),
+                              ("validation.fraction=0.3", "setup.validation.fraction: 0.2 -> 0.3"),
+                              ("strategies.der_pp.buffer_size=50", "strategy.buffer_size: 100 -> 50")]:
         assert main(["sweep", *common, "--trials", "4", "--set", override]) == 2  # not mixed into the study
-        assert f"differs in {changed})" in capsys.readouterr().err
+        assert f"another setup ({changed})" in capsys.readouterr().err
     assert main(["sweep", *common, "--trials", "3", "--set", "seeds=[0, 3]",  # the sweep seed is the first
                  "--set", "description='another text'"]) == 0
     assert main(["sweep", *common]) == 2  # no --trials

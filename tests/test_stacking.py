@@ -183,9 +183,9 @@ def test_a_member_that_diverges_leaves_the_stack_and_the_others_go_on():
     stacked = [make(cfg, seed) for cfg, seed in zip(cfgs, SEEDS)]
     train_together(stacked, progress=False)
     records = [[run.record() for run in runs] for runs in (alone, stacked)]
+    where = lambda r: r.failure and (r.failure["experience"], r.failure["step"], r.failure["reason"])  # noqa: E731
     for a, s in zip(*records):
         assert s.status == a.status
-        where = lambda r: r.failure and (r.failure["experience"], r.failure["step"], r.failure["reason"])  # noqa: E731
         assert where(s) == where(a)
         assert (s.budgets.forward_samples, s.budgets.backward_samples) == \
             (a.budgets.forward_samples, a.budgets.backward_samples)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -16,19 +17,28 @@ import cl
 VERSIONED_PACKAGES = ("torchvision", "numpy", "scikit-learn", "mlxtend", "mnist1d")
 
 
+CHECKOUT = Path(cl.__file__).resolve().parent.parent
+
+
 @functools.cache
-def git_commit() -> str | None:
-    """The checkout's commit (with `-dirty` when tracked files changed), or None outside a git checkout."""
-    root = Path(cl.__file__).resolve().parent.parent
+def git_commit(root: Path = CHECKOUT) -> str | None:
+    """The checkout's commit, or None outside a git checkout.
+
+    Uncommitted changes to tracked Python files add `-dirty.` and 8 hex digits of a hash of their
+    diff, so that two different uncommitted states of the code are two versions: a run's record says
+    which, and a checkpoint of one is refused by the other (its identity holds the code version).
+    Other files (README, experiment files: those are in the configuration) leave the version alone."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=10)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        head = git("rev-parse", "HEAD")
+        diff = git("diff", "HEAD", "--no-ext-diff", "--", "*.py")
     except (OSError, subprocess.TimeoutExpired):
         return None
     if head.returncode != 0:
         return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    commit = head.stdout.decode().strip()
+    return f"{commit}-dirty.{hashlib.sha256(diff.stdout).hexdigest()[:8]}" if diff.stdout.strip() else commit
 
 
 def code_version() -> str:

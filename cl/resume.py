@@ -122,8 +122,16 @@ class RunCheckpoint:
         return state
 
     def restore(self, state: dict[str, Any], strategy: Any, evaluator: Any, loss_monitor: Any) -> None:
-        strategy.load_state_dict(state["strategy"])
-        evaluator.load_state_dict(state["evaluator"])
-        loss_monitor.load_state_dict(state["loss_monitor"])
+        """Put the saved state back; a UserError when it does not fit the strategy (code that changed
+        outside what the code version sees, e.g. an untracked plugin file)."""
+        try:
+            strategy.load_state_dict(state["strategy"])
+            evaluator.load_state_dict(state["evaluator"])
+            loss_monitor.load_state_dict(state["loss_monitor"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise UserError(f"checkpoint {self.path} does not fit this code ({type(exc).__name__}: "
+                            f"{detail[:160]}{'...' if len(detail) > 160 else ''}); run without --resume to "
+                            f"start over") from None
         _set_global_rng_state(state["rng"])
 

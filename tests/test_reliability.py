@@ -341,6 +341,36 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli,
     assert "another configuration (setup.training.lr: 0.1 -> 0.2" in result.err
 
 
+def test_a_checkpoint_whose_state_does_not_fit_the_model_is_a_one_line_error(cli, tiny_raw, write_experiment,
+                                                                             store_url, tmp_path,
+                                                                             monkeypatch):
+    """Code that changed outside what the code version sees (an untracked plugin file, say) can leave a
+    checkpoint of the same identity whose tensors no longer fit."""
+    from cl.resume import RunCheckpoint
+    path = write_experiment(tiny_raw(strategies=[{"name": "naive"}],
+                                     scenario={"name": "class_incremental", "n_experiences": 3}))
+    save = RunCheckpoint.save
+
+    def interrupt(self, *args):
+        save(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "save", interrupt)
+    assert cli("run", path, "--store", store_url, "--no-progress").rc == 130
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    (checkpoint,) = tmp_path.rglob("checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    weights = state["strategy"]["modules"]["model"]
+    name = next(k for k in weights if k.endswith("weight"))
+    weights[name] = torch.zeros(3, 3)
+    torch.save(state, checkpoint)
+    result = cli("run", path, "--store", store_url, "--no-progress", "--resume")
+    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert "does not fit this code (RuntimeError" in result.err and "size mismatch" in result.err
+    assert "run without --resume" in result.err
+    assert ResultStore(store_url).list_runs() == []
+
+
 def test_a_missing_database_driver_is_named_with_the_package_to_install(cli):
     result = cli("runs", "--store", "postgresql+psycopg2://user@localhost/cl")  # psycopg (3) is installed
     assert result.rc == 2 and "driver 'psycopg2' is not installed; pip install psycopg2-binary" in result.err

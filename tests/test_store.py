@@ -5,6 +5,7 @@ import contextlib
 import copy
 import dataclasses
 import sqlite3
+import subprocess
 
 import pytest
 import sqlalchemy as sa
@@ -250,6 +251,35 @@ def test_code_version_is_part_of_run_and_setup_identity(tiny_raw, record, monkey
     other = run_tiny(tiny_raw())
     assert other.provenance["code_version"] == f"cl-bench {cl.__version__} (0123abcd)"
     assert other.run_key != record.run_key and other.setup_key != record.setup_key
+
+
+def test_each_uncommitted_state_of_the_python_code_is_a_version_of_its_own(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    def version():
+        cl.provenance.git_commit.cache_clear()
+        return cl.provenance.git_commit(tmp_path)
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "step.py").write_text("lr = 0.1\n")
+    (tmp_path / "README.md").write_text("readme\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = version()
+    assert len(commit) == 40
+    (tmp_path / "README.md").write_text("edited\n")
+    assert version() == commit  # documentation is not code
+    (tmp_path / "pkg" / "step.py").write_text("lr = 0.2\n")
+    first = version()
+    (tmp_path / "pkg" / "step.py").write_text("lr = 0.3\n")
+    second = version()
+    assert first.startswith(f"{commit}-dirty.") and second.startswith(f"{commit}-dirty.") and first != second
+    (tmp_path / "pkg" / "step.py").write_text("lr = 0.2\n")
+    assert version() == first
+    cl.provenance.git_commit.cache_clear()
 
 
 def test_same_seed_gives_identical_matrix(tiny_raw, record):

@@ -58,17 +58,20 @@ class Captured:
 def cuda_capture(step: Callable[[Inputs], Outputs], inputs: Inputs) -> Captured:
     """Record `step` on static copies of `inputs` as a CUDA graph (PyTorch's whole-step recipe: the
     caller has run warm-up steps eagerly and left the gradients as None, so backward allocates them
-    in the graph's memory pool). Capturing does not run the step: the caller replays it once."""
-    static = {name: value.clone() for name, value in inputs.items()}
-    graph = torch.cuda.CUDAGraph()
-    collecting = gc.isenabled()
-    gc.disable()  # a collection inside the capture could destroy another graph (see the module doc)
-    try:
-        with torch.cuda.graph(graph):
-            outputs = step(static)
-    finally:
-        if collecting:
-            gc.enable()
+    in the graph's memory pool). Capturing does not run the step: the caller replays it once. The capture
+    runs with the inputs' GPU as the current device: `torch.cuda.graph` captures on a stream of the
+    current device, and a step on another GPU (`--device cuda:1`) would not be recorded."""
+    with torch.cuda.device(next(iter(inputs.values())).device):
+        static = {name: value.clone() for name, value in inputs.items()}
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()  # a collection inside the capture could destroy another graph (see the module doc)
+        try:
+            with torch.cuda.graph(graph):
+                outputs = step(static)
+        finally:
+            if collecting:
+                gc.enable()
     return Captured(static, outputs, graph.replay)
 
 

@@ -61,15 +61,17 @@ def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def _global_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # Only once CUDA is in use: asking earlier would start it (a context on GPU 0) in CPU runs.
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
             "python": random.getstate()}
 
 
 def _set_global_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # GPUs beyond those visible now keep their state
+        for index, generator_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     version, internal, gauss = state["python"]

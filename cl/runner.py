@@ -142,7 +142,11 @@ def check_experiment(config: ExperimentConfig, device: torch.device,
 def build_strategy(component: Component, config: ExperimentConfig, scenario: Scenario, device: torch.device,
                    seed: int, pipeline: InputPipeline | None = None) -> Strategy:
     """The strategy, its model initialised from the run's seed (built on the CPU, so any device gets the
-    same weights). It receives a description of the stream, never the scenario's samples."""
+    same weights). It receives a description of the stream, never the scenario's samples. On CUDA it sets
+    the precision of convolutions and matrix products (`training.cuda_tf32`) for every way of training:
+    runs, stacked runs and `cl pretrain`."""
+    if device.type == "cuda":  # PyTorch's default lets cuDNN convolutions use TF32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.training.cuda_tf32
     pipeline = pipeline or input_pipeline(config, scenario, device)
     check_compatibility(config, scenario, pipeline, [component])
     stream = scenario.stream_info(pipeline.output_shape)
@@ -205,8 +209,6 @@ class Run:
         self.config, self.component, self.scenario, self.seed, self.device = config, component, scenario, seed, device
         self.sweep, self.observe = sweep, observe
         self.identity = run_identity(config, component, seed, device, sweep)
-        if device.type == "cuda":  # PyTorch's default lets cuDNN convolutions use TF32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.training.cuda_tf32
         self.evaluator = Evaluator(scenario, config.training.eval_batch_size)
         self.checkpoint = RunCheckpoint(checkpoints, self.identity) if checkpoints is not None else None
         self.done, self.earlier_seconds, self.eval_seconds = 0, 0.0, 0.0  # experiences done before this process

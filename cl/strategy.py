@@ -478,7 +478,7 @@ class Strategy:
                 if not hasattr(current, "load_state_dict"):
                     raise ValueError(f"kept attribute {name!r} was saved from an object with a state_dict, but is "
                                      f"{type(current).__name__} now; create it in setup()")
-                current.load_state_dict(saved[_STATE])
+                current.load_state_dict(_to_device(saved[_STATE], self.device))  # checkpoints load on the CPU
             else:
                 setattr(self, name, _to_device(saved, self.device))
 

@@ -17,6 +17,10 @@ from cl.cli import main
 
 CL_EXE = Path(sys.executable).parent / "cl"
 
+# cuBLAS reads its workspace setting once, when the first CUDA test starts it; deterministic algorithms
+# (the `deterministic_cuda` fixture of tests/test_stacking.py) need this one, so it is set before any test.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 # The smallest experiment that still exercises everything: scikit-learn's 8x8 digits,
 # 2 class-incremental experiences, a one-hidden-layer MLP, one epoch.
 TINY: dict[str, Any] = {

@@ -69,23 +69,24 @@ def run(cfg, seed: int = 0, device: torch.device = CPU, index: int = 0):
     return run_one(cfg, cfg.strategies[index], scenario, seed, device, progress=False)
 
 
-def strategy_for(cfg, seed: int = 0, index: int = 0):
-    """Strategy `index` of an experiment config, built on the CPU, and its scenario."""
-    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed)
-    return build_strategy(cfg.strategies[index], cfg, scenario, CPU, seed), scenario
+def strategy_for(cfg, seed: int = 0, index: int = 0, device: torch.device = CPU):
+    """Strategy `index` of an experiment config, built on `device`, and its scenario (there too)."""
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), seed).to(device)
+    return build_strategy(cfg.strategies[index], cfg, scenario, device, seed), scenario
 
 
-def resumed_beside_original(cfg, seed: int = 0):
+def resumed_beside_original(cfg, seed: int = 0, device: torch.device = CPU):
     """Strategy 0 of `cfg` trained on experience 1, checkpointed (torch.save) and restored into a
-    differently initialised copy; both then train on the remaining experiences.
+    differently initialised copy; both then train on the remaining experiences. The state is loaded
+    onto the CPU first, as the runner's checkpoints are, so a restored strategy must move it to `device`.
     Returns (original, restored), which should be identical if the checkpoint is complete."""
-    original, scenario = strategy_for(cfg, seed)
+    original, scenario = strategy_for(cfg, seed, device=device)
     original.fit(scenario.train[0])
     blob = io.BytesIO()
     torch.save(original.state_dict(), blob)
     blob.seek(0)
-    restored = build_strategy(cfg.strategies[0], cfg, scenario, CPU, seed + 99)  # different init
-    restored.load_state_dict(torch.load(blob, weights_only=True))
+    restored = build_strategy(cfg.strategies[0], cfg, scenario, device, seed + 99)  # different init
+    restored.load_state_dict(torch.load(blob, map_location="cpu", weights_only=True))
     for exp in scenario.train[1:]:
         original.fit(exp)
         restored.fit(exp)

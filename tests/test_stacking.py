@@ -410,9 +410,8 @@ def test_cuda_accuracy_agrees_with_cpu_on_a_cnn_over_seeds(tmp_path):
 
 
 @pytest.fixture
-def deterministic_cuda(monkeypatch):
-    """Deterministic CUDA kernels for the test (cuBLAS reads its workspace setting when it starts)."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+def deterministic_cuda():
+    """Deterministic CUDA kernels for the test (with the cuBLAS workspace setting of tests/conftest.py)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(False)

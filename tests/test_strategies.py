@@ -114,6 +114,18 @@ def test_state_dict_round_trip_resumes_exactly(options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["cumulative", "joint"])
+def test_kept_state_restored_from_a_cpu_checkpoint_continues_on_the_run_device(device, name):
+    """Checkpoints load onto the CPU; the seen data of cumulative and joint (an object with its own
+    state_dict) must come back on the run's device, or the next experience joins CPU and device tensors."""
+    cfg = digits_experiment([{"name": name}], n_experiences=3)
+    original, restored = resumed_beside_original(cfg, device=torch.device(device))
+    assert all(part.x.device.type == device for part in restored.seen.parts)
+    for p, q in zip(original.model.parameters(), restored.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_whole_run_stays_on_the_device(device):
     dev = torch.device(device)
     cfg = digits_experiment([{"name": "er", "buffer_size": 50}], n_experiences=2)

@@ -322,8 +322,8 @@ def test_a_killed_run_resumes_exactly(cl_subprocess, tiny_raw, write_experiment,
     assert matrices(parts) == matrices(whole)
 
 
-def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli, tiny_raw, write_experiment,
-                                                                           store_url, tmp_path, monkeypatch):
+def interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch):
+    """A naive run (3 experiences) stopped by Ctrl-C right after its first checkpoint; its experiment file."""
     from cl.resume import RunCheckpoint
     path = write_experiment(tiny_raw(strategies=[{"name": "naive"}],
                                      scenario={"name": "class_incremental", "n_experiences": 3}))
@@ -336,28 +336,22 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli,
     monkeypatch.setattr(RunCheckpoint, "save", interrupt)
     assert cli("run", path, "--store", store_url, "--no-progress").rc == 130
     monkeypatch.setattr(RunCheckpoint, "save", save)
+    return path
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli, tiny_raw, write_experiment,
+                                                                           store_url, monkeypatch):
+    path = interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch)
     result = cli("run", path, "--store", store_url, "--no-progress", "--resume", "--set", "training.lr=0.2")
     assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
     assert "another configuration (setup.training.lr: 0.1 -> 0.2" in result.err
 
 
 def test_a_checkpoint_whose_state_does_not_fit_the_model_is_a_one_line_error(cli, tiny_raw, write_experiment,
-                                                                             store_url, tmp_path,
-                                                                             monkeypatch):
+                                                                             store_url, tmp_path, monkeypatch):
     """Code that changed outside what the code version sees (an untracked plugin file, say) can leave a
     checkpoint of the same identity whose tensors no longer fit."""
-    from cl.resume import RunCheckpoint
-    path = write_experiment(tiny_raw(strategies=[{"name": "naive"}],
-                                     scenario={"name": "class_incremental", "n_experiences": 3}))
-    save = RunCheckpoint.save
-
-    def interrupt(self, *args):
-        save(self, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunCheckpoint, "save", interrupt)
-    assert cli("run", path, "--store", store_url, "--no-progress").rc == 130
-    monkeypatch.setattr(RunCheckpoint, "save", save)
+    path = interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch)
     (checkpoint,) = tmp_path.rglob("checkpoint.pt")
     state = torch.load(checkpoint, weights_only=True)
     weights = state["strategy"]["modules"]["model"]

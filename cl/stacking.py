@@ -15,6 +15,7 @@ evaluator. Each step of the group:
     for each member:  batch <- its next batch;  inputs <- member.draw(batch)      (own random stream)
     losses <- vmap(objective)(stacked parameters, stacked member_state, stacked inputs)
     sum(losses).backward()                       (each member's gradient lands in its slice)
+    [grads += vmap(parameter_penalty)'s gradients; losses += its values           (EWC, SI)]
     [references returned: their gradients from one more backward pass over the stack, and
      grads <- vmap(project_gradient)(grads, reference gradients)          (A-GEM)]
     for each member:  member.adjust_gradients    (its .grad are views of its slice; GEM-style hooks)
@@ -257,9 +258,9 @@ class StackedRuns:
             if isinstance(values[0], nn.Module):
                 tensors = [dict([*v.named_parameters(), *v.named_buffers()]) for v in values]
                 self._slots.add(values[0], list(tensors[0]))
-                self._slot_tensors += [torch.stack([t[key].detach() for t in tensors]) for key in tensors[0]]
-            else:
-                self.state[name] = _leafwise(torch.stack, values)  # stacked leaf by leaf
+                self._slot_tensors += [stack_tensors([t[key] for t in tensors]) for key in tensors[0]]
+            else:  # leaf by leaf, in the parameters' layout: elementwise work with them reads both in order
+                self.state[name] = _leafwise(stack_tensors, values)
         self._varying_values = {name: torch.tensor([getattr(m.params, name) for m in self.members],
                                                    device=template.device) for name in self.varying_params}
         by_id = {id(p): name for name, p in self.template.model.named_parameters()}
@@ -362,6 +363,10 @@ class StackedRuns:
             count.count_vmapped = False
         reference = result.pop(REFERENCE, None)
         result["loss"].sum().backward(retain_graph=reference is not None)
+        penalty = self._parameter_penalty()
+        if penalty is not None:
+            result["loss"] = result["loss"].detach() + penalty
+            result["penalty"] = penalty
         if reference is not None:
             result.update(self._project_gradients(reference))
         return {name: value.detach() for name, value in result.items()}
@@ -442,6 +447,20 @@ class StackedRuns:
                 result[REFERENCE] = out.reference
             return {name: unbatched(torch.as_tensor(value, device=template.device), level, size)
                     for name, value in result.items()}
+
+    def _parameter_penalty(self) -> torch.Tensor | None:
+        """Every member's parameter_penalty at once (vmapped): its gradient added to the stack's .grad; returns
+        its values, members along dimension 0 (None: the strategy has none)."""
+        size = len(self.members)
+        with self._members_bound("parameter_penalty") as level, torch.no_grad():
+            penalty = self.template.parameter_penalty()
+            if penalty is None:
+                return None
+            value, grad = penalty
+            for name, g in grad.items():
+                p, g = self.parameters[name], unbatched(g, level, size)
+                p.grad = g if p.grad is None else p.grad.add_(g)
+            return unbatched(torch.as_tensor(value, device=self.template.device), level, size)
 
     def _project_gradients(self, reference: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member's project_gradient at once: the gradients of the members' reference losses

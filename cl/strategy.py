@@ -17,6 +17,7 @@ Lifecycle of a run:
         train_experience(exp)       default: `epochs` passes of shuffled batches of
                                     training_data(exp), each a train_step:
             zero_grad -> out = loss(batch) [= objective(draw(batch))] -> out.loss.backward()
+            -> [parameter_penalty() given: its gradient added to .grad, its value to out.loss]
             -> [out.reference set: .grad <- project_gradient(.grad, grad of out.reference)]
             -> adjust_gradients(batch, out) -> clip (grad_clip_norm) -> optimizer.step()
             -> after_step(batch, out) -> out.terms logged
@@ -44,6 +45,9 @@ Hooks to override (all optional):
                                tensor values), so that it can run stacked (cl/stacking.py)
     loss(batch)                default objective(draw(batch)); a strategy that cannot split its step
                                overrides loss instead (and is then not stackable)
+    parameter_penalty()        a penalty on the parameters with its gradient in closed form (EWC's and
+                               SI's quadratic pull): (value, {name: gradient}); added to the loss and
+                               its gradient without autograd. Tensor operations only, like objective
     project_gradient(grad, reference)  the step's gradient rewritten with the gradient of a second loss
                                the objective returned as `reference` (A-GEM): both {name: tensor}
                                over the optimized parameters; returns the new gradient and terms to
@@ -339,9 +343,10 @@ class Strategy:
         out = self.loss(batch)
         if isinstance(out, torch.Tensor):
             out = StepOutput(out)
+        out.loss.backward(retain_graph=out.reference is not None)  # the reference may share the graph
+        self._add_parameter_penalty(out)
         if self.loss_monitor is not None:
             self.loss_monitor.add(out.loss.detach())
-        out.loss.backward(retain_graph=out.reference is not None)  # the reference may share the graph
         if out.reference is not None:
             self._project_gradients(out)
         self.adjust_gradients(batch, out)
@@ -352,6 +357,20 @@ class Strategy:
         for name, value in out.terms.items():
             self.log(name, value)
         return out
+
+    def _add_parameter_penalty(self, out: StepOutput) -> None:
+        """parameter_penalty()'s gradient added to the parameters' .grad, its value to out.loss and logged as
+        out.terms["penalty"]."""
+        with torch.no_grad():
+            penalty = self.parameter_penalty()
+        if penalty is None:
+            return
+        value, grad = penalty
+        for name, p in self.model.named_parameters():
+            if name in grad:
+                p.grad = grad[name] if p.grad is None else p.grad.add_(grad[name])
+        out.loss = out.loss.detach() + value
+        out.terms["penalty"] = value
 
     def _project_gradients(self, out: StepOutput) -> None:
         """Each optimized parameter's .grad <- project_gradient(.grad, gradient of out.reference); its terms
@@ -401,6 +420,16 @@ class Strategy:
         """The loss of one step's inputs (see the module doc for what it may read)."""
         logits = self.forward(inputs["x"], inputs["t"])
         return StepOutput(cross_entropy(logits, inputs["y"]), logits=logits)
+
+    def parameter_penalty(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """A penalty on the model's parameters whose gradient is known in closed form: (its value, its
+        gradient by parameter name), or None. The step adds the value to the objective's loss (and logs
+        it as "penalty") and the gradient to what backward() computed, as if the objective had returned
+        loss + value, but without autograd: for EWC's quadratic pull on every parameter, autograd's
+        graph cost 5-8x the closed form's one pass (12 ms against 1.5-2.3 ms per step for 9 stacked
+        MLP 784-256-256-10 runs on 2 cores). Runs under torch.no_grad; tensor operations only (it runs
+        stacked and in CUDA graphs, like objective)."""
+        return None
 
     def project_gradient(self, grad: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

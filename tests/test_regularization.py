@@ -10,14 +10,44 @@ from tests.helpers import digits_experiment, resumed_beside_original, run, strat
 
 
 
-def test_ewc_penalty_on_two_parameters_by_hand():
-    params = {"w": torch.tensor([1.0, 2.0])}
+def test_ewc_penalty_and_its_closed_form_gradient_on_two_parameters_by_hand():
+    params = {"w": torch.tensor([1.0, 2.0], requires_grad=True)}
     anchor, fisher = {"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([2.0, 3.0])}
-    # sum F (theta - theta*)^2 = 2 * 1 + 3 * 1 = 5; with lambda = 4 the loss adds 4 / 2 * 5 = 10.
-    assert quadratic_penalty(params, fisher, anchor).item() == 5.0
     cfg = digits_experiment([{"name": "ewc", "ewc_lambda": 4.0}], n_experiences=2)
     strategy, _ = strategy_for(cfg)
-    assert strategy.strength() * quadratic_penalty(params, fisher, anchor).item() == 10.0
+    # lambda / 2 * sum F (theta - theta*)^2 = 4 / 2 * (2 * 1 + 3 * 1) = 10; gradient lambda F (theta - theta*)
+    value, grad = quadratic_penalty(params, fisher, anchor, strategy.strength())
+    assert value.item() == 10.0 and grad["w"].tolist() == [8.0, 12.0]
+    (strategy.strength() * (fisher["w"] * (params["w"] - anchor["w"]) ** 2).sum()).backward()
+    assert torch.equal(grad["w"], params["w"].grad)  # what autograd gives
+
+
+@pytest.mark.parametrize("name", ["ewc", "si"])
+def test_a_step_with_the_closed_form_penalty_equals_autograd_through_the_penalised_loss(name):
+    """One training step: the objective's loss plus parameter_penalty() (its gradient added by hand) against
+    backward() through loss + penalty written out, from the same parameters, anchor and importances."""
+    strong = {"ewc": {"ewc_lambda": 1000.0}, "si": {"c": 50.0}}[name]  # a pull the step's check notices
+    cfg = digits_experiment([{"name": name, **strong}], n_experiences=2)
+    strategy, scenario = strategy_for(cfg)
+    strategy.fit(scenario.train[0])
+    exp = scenario.train[1]
+    strategy.experience = exp
+    with torch.no_grad():  # move away from the anchor so the penalty pulls
+        for p in strategy.model.parameters():
+            p += 0.05
+    raw = exp.inputs(torch.arange(10))
+    batch = Batch(strategy.prepare(raw), exp.y[:10], exp.task_ids(torch.arange(10)), raw)
+    params = dict(strategy.model.named_parameters())
+    penalty = strategy.strength() * sum((strategy.weight[n] * (p - strategy.anchor[n]) ** 2).sum()
+                                        for n, p in params.items())
+    loss = F.cross_entropy(strategy.forward(batch.x, batch.t), batch.y) + penalty
+    expected_grad = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    expected_step = {n: p.detach() - cfg.training.lr * expected_grad[n] for n, p in params.items()}
+    out = strategy.train_step(batch)
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert penalty.item() > 0.1 and out.terms["penalty"].item() == pytest.approx(penalty.item(), rel=1e-5)
+    for n, p in params.items():
+        assert torch.allclose(p.detach(), expected_step[n], atol=1e-6)
 
 
 @pytest.mark.parametrize("model, options, linear", [
@@ -108,8 +138,11 @@ def test_si_path_integral_uses_the_task_gradient_without_the_penalty():
     F.cross_entropy(strategy.forward(batch.x, batch.t), batch.y).backward()
     task_grad = {n: p.grad.clone() for n, p in strategy.model.named_parameters()}
     strategy.model.zero_grad()
-    strategy.loss(batch).loss.backward()
-    strategy.adjust_gradients(batch, None)
+    out = strategy.loss(batch)
+    out.loss.backward()
+    strategy._add_parameter_penalty(out)  # as train_step does: .grad is the penalised loss's gradient
+    assert out.terms["penalty"].item() > 0
+    strategy.adjust_gradients(batch, out)
     for name, g in task_grad.items():
         assert torch.allclose(strategy._task_grad[name], g, atol=1e-6)
 

@@ -15,7 +15,9 @@ not masked by the classes seen, so the two definitions agree there). Repetition 
 sides. Stacked: our runs of seeds 0..k-1 trained as one model (`run_stacked`), their wall time divided by k
 (strategies that cannot stack: not measured), once per repetition. Within a repetition the sides take
 turns at going first; each ratio is the median over repetitions of that repetition's Avalanche time
-over ours, so a slow spell of the machine weighs on both sides of a ratio (seconds: medians).
+over ours, so a slow spell of the machine weighs on both sides of a ratio (seconds: medians). The
+process's one-time costs (math libraries, Avalanche's import, torch.optim's first optimizer) are paid
+before the clock starts (`warm_up`).
 
     python benchmarks/vs_avalanche.py [--protocols quickstart gem cnn] [--strategies naive er gem agem lwf ewc]
                                       [--repeats 3] [--stack 3] [--device cpu|cuda] [--data-dir DIR] [--threads N]
@@ -31,6 +33,7 @@ import warnings
 import numpy as np
 import torch
 
+from overhead import warm_up as warm_up_math  # beside this script
 from cl.config import build_experiment
 from cl.interop.avalanche import quiet, to_avalanche
 from cl.runner import build_scenario, build_strategy, input_pipeline, load_datasets, resolve_device, run_one, \
@@ -120,6 +123,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    warm_up(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     header = ("protocol", "strategy", "ACC ours", "ACC avalanche", "s ours", "s avalanche", "ratio",
               "s/run stacked", "ratio stacked")
@@ -167,6 +171,17 @@ def main() -> None:
             print(" | ".join([pname, name, _mean_sd(accs["ours"]), _mean_sd(accs["avalanche"]),
                               f"{statistics.median(times['ours']):.1f}", f"{statistics.median(times['avalanche']):.1f}",
                               f"{ratio:.2f}x", stacked, ratio_stacked]), flush=True)
+
+
+def warm_up(device: torch.device) -> None:
+    """Pay the process's one-time costs before anything is timed, both sides alike: the math libraries,
+    Avalanche's import (seconds), and torch.optim's first optimizer (it imports torch._dynamo, 1-2 s).
+    Untimed, they fell on whichever side ran first in the first repetition of the first strategy."""
+    from avalanche import training  # noqa: F401
+    from avalanche.evaluation.metrics import accuracy_metrics  # noqa: F401
+
+    warm_up_math(device)
+    torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1)
 
 
 def _paired_ratio(theirs: list[float], ours: list[float]) -> float:

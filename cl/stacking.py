@@ -272,6 +272,7 @@ class StackedRuns:
         if not self.own_optimizers:  # else each member's optimizer steps its parameters, views of its slices
             self._build_optimizer(carry_optimizers)
         self._adjusts = type(self.template).adjust_gradients is not Strategy.adjust_gradients
+        self._penalized = type(self.template).parameter_penalty is not Strategy.parameter_penalty  # (bound per step)
         # Kept per-run data that member_state does not list: hidden from the template while it stands for
         # every member, so an objective that reads it fails instead of giving every run the first run's.
         self._hidden = [name for name in template.kept
@@ -363,7 +364,7 @@ class StackedRuns:
             count.count_vmapped = False
         reference = result.pop(REFERENCE, None)
         result["loss"].sum().backward(retain_graph=reference is not None)
-        penalty = self._parameter_penalty()
+        penalty = self._parameter_penalty() if self._penalized else None
         if penalty is not None:
             result["loss"] = result["loss"].detach() + penalty
             result["penalty"] = penalty

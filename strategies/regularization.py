@@ -139,7 +139,7 @@ class EWC(AnchoredStrategy):
 
         with self.evaluation(), self.compute.uncounted():
             # The linear way holds only activations: it takes evaluation-sized chunks (on the quickstart's
-            # MLP, 2000 samples a chunk made a stacked EWC run 1.2 s faster than 64). Per-sample gradients
+            # MLP, 512-sample chunks made a stacked EWC run 1.2 s faster than 64). Per-sample gradients
             # hold a row of every parameter per sample: fisher_batch_size of them at a time.
             total = summed(linear_sums, self.training.eval_batch_size) \
                 or summed(per_sample_gradients, self.params.fisher_batch_size)

@@ -1,17 +1,19 @@
 """Run checkpoints: what `cl run --resume` continues an interrupted run from.
 
 After every experience the runner writes one file per run, in a folder beside the result store
-(`checkpoints/<experiment>/<label>-seed<seed>-<hash>/checkpoint.pt`): the configuration it belongs
-to, the number of experiences done, the strategy's full state (`Strategy.state_dict`: model,
+(`checkpoints/<experiment>/<label>-seed<seed>-<hash of its configuration>/checkpoint.pt`): the run's
+identity, the number of experiences done, the strategy's full state (`Strategy.state_dict`: model,
 optimizer, buffers, old models, its random generator), the evaluator's partial matrices, the loss
 monitor, the global random generators and the seconds spent. It is written atomically (temporary
 file, fsync, rename), so a kill leaves the previous checkpoint or the new one, never half of one,
-and it loads with `weights_only=True`. A checkpoint made with another configuration or code version
-is refused, naming what changed.
+and it loads with `weights_only=True`. Each configuration (experiment file and `--set` values) has
+its folder, so parallel runs of one file never touch each other's checkpoints; a checkpoint made by
+another code version is refused, naming what changed.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import random
@@ -28,11 +30,34 @@ from cl.errors import UserError
 FORMAT = "cl-run-checkpoint/1"
 
 
-def run_folder(root: Path, experiment: str, label: str, seed: int) -> Path:
-    """The checkpoint folder of one (experiment, strategy label, seed): readable and collision-free."""
-    digest = hashlib.sha256(repr((experiment, label, seed)).encode()).hexdigest()[:8]
-    readable = [re.sub(r"[^A-Za-z0-9_.-]+", "-", part).strip("-.")[:60] or "x" for part in (experiment, label)]
-    return root / readable[0] / f"{readable[1]}-seed{seed}-{digest}"
+def run_folder(root: Path, identity: dict[str, Any]) -> Path:
+    """The checkpoint folder of one run: readable (experiment, strategy label, seed) and a hash of the run's
+    configuration, its identity without the code version. Runs of one experiment file with other `--set`
+    values (a user's parallel runs) so get folders of their own and never overwrite or remove each other's
+    checkpoints, while a run resumed by changed code finds its checkpoint and is refused, naming the change."""
+    configuration = {**identity, "setup": {k: v for k, v in identity["setup"].items() if k != "code_version"}}
+    digest = hashlib.sha256(repr(sorted(_flat(configuration).items())).encode()).hexdigest()[:8]
+    experiment, label = (re.sub(r"[^A-Za-z0-9_.-]+", "-", part).strip("-.")[:60] or "x"
+                         for part in (identity["experiment"], identity["label"]))
+    return root / experiment / f"{label}-seed{identity['seed']}-{digest}"
+
+
+def other_configurations(folder: Path, identity: dict[str, Any]) -> list[str]:
+    """What differs from `identity` in the checkpoints of the same experiment, label and seed made with other
+    configurations (folders beside `folder`), one "key: old -> new; ..." line each; unreadable ones are
+    skipped. A resumed run whose own folder is missing says so, since a changed `--set` is often a typo."""
+    prefix = folder.name[: folder.name.rindex("-") + 1]
+    found = []
+    for other in sorted(folder.parent.glob(f"{glob.escape(prefix)}*/checkpoint.pt")):
+        if other.parent == folder:
+            continue
+        with contextlib.suppress(Exception):
+            saved = torch.load(other, map_location="cpu", weights_only=True)["identity"]
+            if saved["experiment"] == identity["experiment"] and saved["label"] == identity["label"] \
+                    and saved["seed"] == identity["seed"]:
+                diff = changes(saved, identity)
+                found.append("; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else ""))
+    return found
 
 
 def remove_run_folder(folder: Path) -> None:

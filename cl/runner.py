@@ -27,7 +27,7 @@ from cl.metrics import compute_metrics
 from cl.params import params_to_dict
 from cl.provenance import code_version, package_of, provenance
 from cl.record import Budgets, Metrics, RunRecord
-from cl.resume import RunCheckpoint, remove_run_folder, run_folder
+from cl.resume import RunCheckpoint, other_configurations, remove_run_folder, run_folder
 from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
@@ -451,14 +451,19 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
     backbone = meta_model(model_spec(config, first.stream_info(pipelines[config.seeds[0]].output_shape)))
     for component in config.strategies:
         pending = []
+        identities = {seed: run_identity(config, component, seed, device) for seed in config.seeds}
         for seed in config.seeds:
-            done = store.completed(run_key(run_identity(config, component, seed, device))) if resume else None
+            done = store.completed(run_key(identities[seed])) if resume else None
             if done is not None:
                 records.append(done)
                 log(f"{describe_run(done)}  (already stored)")
             else:
                 pending.append(seed)
-        folders = {seed: run_folder(store.checkpoint_root, config.name, component.label, seed) for seed in pending}
+        folders = {seed: run_folder(store.checkpoint_root, identities[seed]) for seed in pending}
+        for seed in pending if resume else []:  # a changed --set may be a slip: say what was left alone
+            for diff in [] if folders[seed].exists() else other_configurations(folders[seed], identities[seed]):
+                log(f"{component.label} seed {seed}: starts from the beginning; a checkpoint of another "
+                    f"configuration ({diff}) is left for its own --resume")
         graphed = graphs and graph_problem(STRATEGIES.get(component.name).obj, device) is None
         if graphs and not graphed:
             log(f"cuda graphs: {component.label} runs eagerly: "

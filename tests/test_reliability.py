@@ -322,8 +322,9 @@ def test_a_killed_run_resumes_exactly(cl_subprocess, tiny_raw, write_experiment,
     assert matrices(parts) == matrices(whole)
 
 
-def interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch):
-    """A naive run (3 experiences) stopped by Ctrl-C right after its first checkpoint; its experiment file."""
+def interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch, *overrides):
+    """A naive run (3 experiences) stopped by Ctrl-C right after its first checkpoint; its experiment file.
+    `overrides`: --set values of the interrupted invocation."""
     from cl.resume import RunCheckpoint
     path = write_experiment(tiny_raw(strategies=[{"name": "naive"}],
                                      scenario={"name": "class_incremental", "n_experiences": 3}))
@@ -334,17 +335,63 @@ def interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, stor
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RunCheckpoint, "save", interrupt)
-    assert cli("run", path, "--store", store_url, "--no-progress").rc == 130
+    sets = [arg for value in overrides for arg in ("--set", value)]
+    assert cli("run", path, "--store", store_url, "--no-progress", *sets).rc == 130
     monkeypatch.setattr(RunCheckpoint, "save", save)
     return path
 
 
-def test_a_checkpoint_of_another_configuration_is_refused_naming_the_change(cli, tiny_raw, write_experiment,
-                                                                           store_url, monkeypatch):
+def restores(monkeypatch) -> list[int]:
+    """The experiences done of each checkpoint that runs continue from, from now on."""
+    from cl.resume import RunCheckpoint
+    restore, done = RunCheckpoint.restore, []
+
+    def counted(self, state, *args):
+        done.append(state["experiences_done"])
+        return restore(self, state, *args)
+
+    monkeypatch.setattr(RunCheckpoint, "restore", counted)
+    return done
+
+
+def test_parallel_runs_of_one_file_with_other_set_values_keep_their_own_checkpoints(cli, tiny_raw, write_experiment,
+                                                                                   store_url, tmp_path, monkeypatch):
+    """Two invocations of one experiment file with different --set values (a user's parallel runs), both
+    interrupted: each checkpoint stays in a folder of its own, and each resumes from its own, in any order."""
+    path = interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch,
+                                                  "training.lr=0.1")
+    interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch, "training.lr=0.2")
+    assert len(list(tmp_path.rglob("checkpoint.pt"))) == 2
+    continued = restores(monkeypatch)
+    for lr in ("0.2", "0.1"):
+        result = cli("run", path, "--store", store_url, "--no-progress", "--resume", "--set", f"training.lr={lr}")
+        assert result.rc == 0 and "another configuration" not in result.out
+    assert continued == [1, 1]  # both went on from their first experience
+    assert sorted(r.config["training"]["lr"] for r in ResultStore(store_url).records()) == [0.1, 0.2]
+    assert not list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_a_resume_with_other_set_values_starts_over_and_names_the_checkpoint_it_leaves(cli, tiny_raw,
+                                                                                    write_experiment, store_url,
+                                                                                    tmp_path, monkeypatch):
     path = interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch)
+    continued = restores(monkeypatch)
     result = cli("run", path, "--store", store_url, "--no-progress", "--resume", "--set", "training.lr=0.2")
+    assert result.rc == 0 and continued == []
+    assert ("naive seed 0: starts from the beginning; a checkpoint of another configuration "
+            "(setup.training.lr: 0.1 -> 0.2) is left for its own --resume") in result.out
+    assert len(list(tmp_path.rglob("checkpoint.pt"))) == 1  # the lr 0.1 run's, still resumable
+    assert cli("run", path, "--store", store_url, "--no-progress", "--resume").rc == 0 and continued == [1]
+
+
+def test_a_checkpoint_of_another_code_version_is_refused_naming_the_change(cli, tiny_raw, write_experiment,
+                                                                          store_url, monkeypatch):
+    path = interrupted_after_the_first_checkpoint(cli, tiny_raw, write_experiment, store_url, monkeypatch)
+    monkeypatch.setattr("cl.runner.code_version", lambda: "cl-bench 9.9 (0123abcd)")
+    result = cli("run", path, "--store", store_url, "--no-progress", "--resume")
     assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
-    assert "another configuration (setup.training.lr: 0.1 -> 0.2" in result.err
+    assert "another configuration (setup.code_version: " in result.err and "-> 'cl-bench 9.9 (0123abcd)'" in result.err
+    assert ResultStore(store_url).list_runs() == []
 
 
 def test_a_checkpoint_whose_state_does_not_fit_the_model_is_a_one_line_error(cli, tiny_raw, write_experiment,

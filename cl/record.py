@@ -98,11 +98,18 @@ class RunRecord:
         where = "before training" if f["experience"] == 0 else f"at experience {f['experience']}, step {f['step']}"
         return f"{self.status} {where}: {f['reason']}"
 
+    @property
+    def strategy_package(self) -> str | None:
+        """The distribution and version the strategy came from ("name version"), None for an unpackaged module."""
+        package = self.provenance.get("strategy_package")
+        return None if package is None else f"{package['name']} {package['version']}"
+
     def headline(self) -> dict[str, Any]:
         """The flat row the tables, the CSV and the store's columns are made of."""
         b = self.budgets
         return {"id": self.id, "experiment": self.experiment, "strategy": self.strategy,
-                "strategy_name": self.strategy_name, "params": self.params, "seed": self.seed,
+                "strategy_name": self.strategy_name, "strategy_package": self.strategy_package,
+                "params": self.params, "seed": self.seed,
                 "status": self.status, "setup_key": self.setup_key,
                 "code_version": self.provenance.get("code_version"), "created_at": self.created_at,
                 "acc": self.metrics.acc, "task_il_acc": self.task_il_acc, "bwt": self.metrics.bwt,

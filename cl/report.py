@@ -35,17 +35,23 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows whose `strategy` names one table row: a label run with several hyperparameter
-    sets becomes one row per set, e.g. "er (buffer_size=200)" and "er (buffer_size=500)"."""
+    """Rows whose `strategy` names one table row. A label whose runs differ in the registered strategy,
+    the version of the package it came from or a hyperparameter becomes one row per variant, named by
+    what differs: "er (buffer_size=200)" and "er (buffer_size=500)", "base (strategy=naive)" and
+    "base (strategy=joint)", "der (package=my-cl 0.2)"; runs of two variants are never averaged."""
+    def variant(r: dict[str, Any]) -> dict[str, Any]:
+        return {"strategy": r["strategy_name"], "package": r.get("strategy_package"), **r["params"]}
+
     by_label: dict[str, set[str]] = {}
     for r in rows:
-        by_label.setdefault(r["strategy"], set()).add(json.dumps(r["params"], sort_keys=True))
+        by_label.setdefault(r["strategy"], set()).add(json.dumps(variant(r), sort_keys=True))
     out = []
     for r in rows:
         variants = [json.loads(v) for v in sorted(by_label[r["strategy"]])]
         if len(variants) > 1:
-            differing = sorted(k for k in r["params"] if len({json.dumps(v.get(k)) for v in variants}) > 1)
-            settings = ", ".join(f"{k}={r['params'][k]}" for k in differing)
+            own = variant(r)
+            differing = sorted(k for k in set().union(*variants) if len({json.dumps(v.get(k)) for v in variants}) > 1)
+            settings = ", ".join(f"{k}={own.get(k)}" for k in differing)
             r = {**r, "strategy": f"{r['strategy']} ({settings})"}
         out.append(r)
     return out

@@ -180,6 +180,27 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
     assert md.count("| naive | - | 1 |") == 2  # one seed per section, not one row of two seeds
 
 
+def test_one_label_with_two_strategies_or_package_versions_is_two_rows(tmp_path):
+    """A label that named naive and later joint (or whose plugin package was upgraded) under one setup:
+    the runs of each are a row of their own, never averaged as more seeds of one strategy."""
+    store = ResultStore(f"sqlite:///{tmp_path}/runs.db")
+    for name in ("naive", "joint"):
+        cfg = digits_experiment([{"name": name, "label": "base"}], n_experiences=2)
+        scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+        store.write(run_one(cfg, cfg.strategies[0], scenario, 0, torch.device("cpu"), progress=False))
+    generate(store, tmp_path / "out", plots=False)
+    rows = table_rows((tmp_path / "out" / "README.md").read_text())
+    assert sorted(rows) == ["base (strategy=joint)", "base (strategy=naive)"]
+    assert {row["seeds"] for row in rows.values()} == {"1"}
+    (record,) = [r for r in store.records() if r.strategy_name == "naive"]
+    upgraded = dataclasses.replace(record, run_key="upgraded", provenance={
+        **record.provenance, "strategy_package": {"name": "my-cl", "version": "0.2"}})
+    store.write(upgraded)
+    generate(store, tmp_path / "out", plots=False)
+    rows = table_rows((tmp_path / "out" / "README.md").read_text())
+    assert "base (package=my-cl 0.2, strategy=naive)" in rows and {row["seeds"] for row in rows.values()} == {"1"}
+
+
 def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_collide(tmp_path):
     store = ResultStore(f"sqlite:///{tmp_path}/runs.db")
     for name in ("a b", "a-b", "=HYPERLINK(1)|<script>x</script>"):

@@ -259,17 +259,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if not args.out:
                 raise UserError("--best needs --out FILE, the experiment file to write")
             out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(tomli_w.dumps(sweeps.best_experiment(sweep, study)))
+            text = tomli_w.dumps(sweeps.best_experiment(sweep, study))
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text)
+            except OSError as exc:
+                raise UserError(f"--best --out {out}: cannot write that file ({exc.strerror or exc}); give the "
+                                f"path of a file to write, in a folder you can write to") from None
             print(f"{sweeps.summary(sweep, study)}\nwritten {out}: run it on the test stream with `cl run {out}`")
         else:
-            paths = sweeps.write_report(study, Path(args.out or Path("results") / "sweeps" / sweep.study_name))
+            out = Path(args.out or Path("results") / "sweeps" / sweep.study_name)
+            try:
+                paths = sweeps.write_report(study, out)
+            except OSError as exc:
+                raise UserError(f"--report --out {out}: cannot write the plots there ({exc.strerror or exc}); "
+                                f"give a folder you can write to") from None
             print(f"report written: {', '.join(str(p) for p in paths)}")
         return 0
     if args.trials is None:
         raise UserError("cl sweep needs --trials N (or --best / --report on an existing study)")
     device = resolve_device(args.device)
     datasets = check_experiment(sweep.first_config(), device)  # before the store and the study are created
+    sweeps.check_metric(sweep, datasets)
     store = ResultStore(args.store)
     store.check_writable()
     worker = args.worker_index is not None
@@ -447,6 +458,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What Ctrl-C leaves behind, and how to go on, per command.
+INTERRUPTED = {
+    "run": "finished runs are stored, the current one has a checkpoint after its last finished experience: "
+           "continue with the same command and --resume",
+    "sweep": "finished trials are in the study and their runs in the store: run the same command again to "
+             "continue the study (the trial cut short is retried once its heartbeat is stale, after 3 x --heartbeat s)",
+    "pretrain": "no backbone checkpoint was written (it is written once, at the end): run the same command again",
+}
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "pretrain": cmd_pretrain, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
             "import": cmd_import, "leaderboard": cmd_leaderboard}
 
@@ -465,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("cl: interrupted; finished runs are stored, the current one has a checkpoint after its last "
-              "finished experience: continue with the same command and --resume", file=sys.stderr)
+        print(f"cl: interrupted; {INTERRUPTED.get(args.command, 'nothing was left half-written')}", file=sys.stderr)
         return 130
 
 

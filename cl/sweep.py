@@ -98,7 +98,8 @@ class Dimension:
     def kind(self) -> str:
         if self.choices:
             return "categorical"
-        return "int" if isinstance(self.low, int) and isinstance(self.high, int) else "float"
+        ints = all(isinstance(v, int) for v in (self.low, self.high)) and (self.step is None or isinstance(self.step, int))
+        return "int" if ints else "float"
 
     @property
     def changes_no_shape(self) -> bool:
@@ -109,16 +110,27 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.name, self.low, self.high, step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def extremes(self) -> list[Any]:
-        return list(self.choices) if self.choices else [self.low, self.high]
+        """The values a trial may take at the ends (as the trial would get them: floats for a float range)."""
+        if self.choices:
+            return list(self.choices)
+        return [self.low, self.high] if self.kind == "int" else [float(self.low), float(self.high)]
 
     def describe(self) -> str:
         if self.choices:
             return f"{self.name} in {list(self.choices)}"
-        return f"{self.name} in [{self.low:g}, {self.high:g}]{' (log)' if self.log else ''}"
+        step = f" step {self.step:g}" if self.step is not None else ""
+        return f"{self.name} in [{self.low:g}, {self.high:g}]{step}{' (log)' if self.log else ''}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything that decides which values a trial may take, exactly (a study stores it)."""
+        if self.choices:
+            return {"name": self.name, "choices": list(self.choices)}
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high, "log": self.log,
+                "step": self.step}
 
 
 def _dimension(name: str, section: str, key: str, spec: dict[str, Any], where: str) -> Dimension:
@@ -239,7 +251,7 @@ class Sweep:
         code version are left out: workers on other machines, and a fixed bug, continue a study."""
         first = self.first_config()  # the swept values at their first ends: fixed for a space
         identity = {"experiment": self.raw["name"], "label": self.label, "metric": self.metric, "seed": self.seed,
-                    "space": [d.describe() for d in self.dimensions], "setup": first.setup_identity(),
+                    "space": [d.as_dict() for d in self.dimensions], "setup": first.setup_identity(),
                     "strategy": first.strategies[0].as_dict()}
         return json.loads(json.dumps(identity))  # as the study stores it (tuples become lists)
 
@@ -278,6 +290,30 @@ def prepare_sweep(path: str | Path, overrides: list[str], label: str | None, met
         raise UserError(f"{where}: dimension names repeat ({names})")
     return Sweep(raw, where, label, dimensions, metric, config.seeds[0] if seed is None else seed,
                  storage or default_storage(store_url), study or f"{config.name}.{label}")
+
+
+def unmeasured(metric: str, strategy: type, scenario: Any) -> str | None:
+    """Why runs of `strategy` on `scenario` have no value of `metric` (None when they have one)."""
+    if metric in ("bwt", "forgetting", "avg_inc_acc") and strategy.joint_training:
+        return "the strategy trains on every experience at once and is evaluated only after the last"
+    if metric in ("bwt", "forgetting") and scenario.n_experiences < 2:
+        return f"it needs at least 2 experiences, and the scenario has {scenario.n_experiences}"
+    if metric == "task_il_acc" and scenario.setting == "domain-il":
+        return "domain-IL runs have no task-IL accuracy"
+    return None
+
+
+def check_metric(sweep: Sweep, datasets: list[LabelledData]) -> None:
+    """Refuse, in one line and before anything trains, an objective the sweep's runs cannot have:
+    every trial would train to its end and then fail for want of a value."""
+    base = sweep.first_config()
+    scenario = build_scenario(base, datasets, sweep.seed)
+    strategy = STRATEGIES.get(base.strategies[0].name).obj
+    problem = unmeasured(sweep.metric, strategy, scenario)
+    if problem is not None:
+        measured = [m for m in METRICS if unmeasured(m, strategy, scenario) is None]
+        raise UserError(f"--metric {sweep.metric}: {sweep.label}'s runs have none here ({problem}); "
+                        f"choose one of {', '.join(measured)}")
 
 
 def default_storage(store_url: str) -> str:

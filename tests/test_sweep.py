@@ -141,6 +141,48 @@ def test_buffer_size_choices_are_a_shape_dimension(tmp_path):
     assert sweep.stack_key({"alpha": 0.1, "beta": 0.2, "training.lr": 0.1, "buffer_size": 50}) == (50,)
 
 
+def test_a_whole_number_range_with_a_fractional_step_is_a_float_range(tmp_path):
+    text = EXPERIMENT.replace("alpha = {{low = 0.05, high = 1.0}}", "alpha = {{low = 0, high = 1, step = 0.25}}")
+    sweep = sweep_of(experiment_file(tmp_path, text=text), tmp_path)
+    (alpha,) = [d for d in sweep.dimensions if d.name == "alpha"]
+    assert alpha.kind == "float" and alpha.extremes() == [0.0, 1.0] and alpha.changes_no_shape
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = {alpha.suggest(study.ask()) for _ in range(40)}
+    assert drawn == {0.0, 0.25, 0.5, 0.75, 1.0}  # the step as written, not int(0.25) = 0
+    text = EXPERIMENT.replace("buffer_size = 100", "buffer_size = {{low = 20, high = 60, step = 2.5}}")
+    with pytest.raises(UserError, match="buffer_size"):  # an int parameter refuses the float values
+        sweep_of(experiment_file(tmp_path, text=text), tmp_path)
+
+
+@pytest.mark.parametrize("line, before, after", [
+    ("buffer_size = 100", "buffer_size = {{low = 20, high = 60}}", "buffer_size = {{low = 20, high = 60, step = 20}}"),
+    ("alpha = {{low = 0.05, high = 1.0}}", "alpha = {{low = 0, high = 1}}", "alpha = {{low = 0.0, high = 1.0}}"),
+])
+def test_a_study_refuses_a_search_space_that_differs_only_in_step_or_kind(tmp_path, line, before, after):
+    """Both pairs read the same as text ("alpha in [0, 1]"), yet draw different values."""
+    open_study(sweep_of(experiment_file(tmp_path, text=EXPERIMENT.replace(line, before)), tmp_path))
+    with pytest.raises(UserError, match="sweeps another setup"):
+        open_study(sweep_of(experiment_file(tmp_path, text=EXPERIMENT.replace(line, after)), tmp_path))
+
+
+@pytest.mark.parametrize("metric, options, message", [
+    ("forgetting", {"strategy": "joint"}, "trains on every experience at once"),
+    ("bwt", {"experiences": 1}, "at least 2 experiences, and the scenario has 1"),
+])
+def test_a_metric_the_runs_cannot_have_is_refused_before_anything_trains(tmp_path, capsys, metric, options,
+                                                                        message):
+    label = options.get("strategy", "der_pp")
+    text = EXPERIMENT.split("[[strategies]]")[0] + f'[[strategies]]\nname = "{label}"\n' if label != "der_pp" \
+        else EXPERIMENT  # [training]'s lr is the space: every strategy of the file is swept
+    path = experiment_file(tmp_path, experiences=options.get("experiences", 3), text=text)
+    assert main(["sweep", str(path), "--strategy", label, "--trials", "1", "--metric", metric,
+                 "--store", f"sqlite:///{tmp_path / 'cl.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--metric {metric}: {label}'s runs have none here" in err and message in err
+    assert "choose one of acc" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cl.db").exists() and not (tmp_path / "sweeps.db").exists()
+
+
 # ---------------------------------------------------------------- trials
 
 
@@ -270,6 +312,10 @@ def test_best_writes_an_experiment_for_cl_run_and_report_plots(tmp_path, capsys)
                  "--set", "description='another text'"]) == 0
     assert main(["sweep", *common]) == 2  # no --trials
     assert main(["sweep", *common, "--best"]) == 2  # no --out
+    assert main(["sweep", *common, "--best", "--out", str(tmp_path / "report")]) == 2  # a folder
+    assert "--best --out" in (err := capsys.readouterr().err) and "cannot write that file" in err
+    assert main(["sweep", *common, "--report", "--out", str(tmp_path / "best.toml")]) == 2  # a file
+    assert "--report --out" in (err := capsys.readouterr().err) and len(err.strip().splitlines()) == 1
     typo = [*common[:-4], "--storage", f"sqlite:///{tmp_path / 'typo' / 'sweeps.db'}", *common[-2:]]
     assert main(["sweep", *typo, "--best", "--out", str(tmp_path / "b.toml")]) == 2
     assert "no sweep storage at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
@@ -339,3 +385,16 @@ def test_postgresql_workers_survive_one_killed_mid_trial(tmp_path):
         assert len(retried) == 1 and retried[0].params == dead.params
         check_study(study, ResultStore(store), "pg", 6)
 
+
+
+def test_ctrl_c_says_how_to_continue_the_sweep(tmp_path, capsys, monkeypatch):
+    """`cl sweep` has no --resume: a study continues when the same command runs again."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cl.sweep.work", interrupted)
+    path = experiment_file(tmp_path, experiences=2)
+    assert main(["sweep", str(path), "--strategy", "der_pp", "--trials", "1",
+                 "--store", f"sqlite:///{tmp_path / 'cl.db'}"]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to continue the study" in err and "--resume" not in err

@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"cl: interrupted; {INTERRUPTED.get(args.command, 'nothing was left half-written')}", file=sys.stderr)
+        what = INTERRUPTED.get(args.command)
+        print(f"cl: interrupted{'; ' + what if what else ''}", file=sys.stderr)
         return 130
 
 

@@ -40,7 +40,7 @@ def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     what differs: "er (buffer_size=200)" and "er (buffer_size=500)", "base (strategy=naive)" and
     "base (strategy=joint)", "der (package=my-cl 0.2)"; runs of two variants are never averaged."""
     def variant(r: dict[str, Any]) -> dict[str, Any]:
-        return {"strategy": r["strategy_name"], "package": r.get("strategy_package"), **r["params"]}
+        return {"strategy": r["strategy_name"], "package": r["strategy_package"], **r["params"]}
 
     by_label: dict[str, set[str]] = {}
     for r in rows:
@@ -50,7 +50,8 @@ def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         variants = [json.loads(v) for v in sorted(by_label[r["strategy"]])]
         if len(variants) > 1:
             own = variant(r)
-            differing = sorted(k for k in set().union(*variants) if len({json.dumps(v.get(k)) for v in variants}) > 1)
+            keys = set().union(*variants)
+            differing = sorted(k for k in keys if len({json.dumps(v.get(k)) for v in variants}) > 1)
             settings = ", ".join(f"{k}={own.get(k)}" for k in differing)
             r = {**r, "strategy": f"{r['strategy']} ({settings})"}
         out.append(r)

@@ -460,8 +460,9 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
             else:
                 pending.append(seed)
         folders = {seed: run_folder(store.checkpoint_root, identities[seed]) for seed in pending}
-        for seed in pending if resume else []:  # a changed --set may be a slip: say what was left alone
-            for diff in [] if folders[seed].exists() else other_configurations(folders[seed], identities[seed]):
+        starting = [seed for seed in pending if resume and not folders[seed].exists()]
+        for seed in starting:  # a changed --set may be a slip: say which checkpoints were left alone
+            for diff in other_configurations(folders[seed], identities[seed]):
                 log(f"{component.label} seed {seed}: starts from the beginning; a checkpoint of another "
                     f"configuration ({diff}) is left for its own --resume")
         graphed = graphs and graph_problem(STRATEGIES.get(component.name).obj, device) is None

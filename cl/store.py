@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import sqlalchemy as sa
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from cl.errors import UserError
 from cl.record import RunRecord
@@ -91,7 +91,11 @@ class ResultStore:
             # Unfinished runs (cl run --resume), one folder per store: two stores side by side (two
             # processes running one experiment into each) must not share checkpoint files.
             self.checkpoint_root = home / "checkpoints" / (database.stem if database is not None else "default")
-            metadata.create_all(self.engine)
+            if must_exist:  # a reading command never writes into a database it did not make
+                if not sa.inspect(self.engine).has_table("runs"):
+                    raise UserError(f"{url!r} holds no cl result store (it has no table 'runs'); check --store")
+            else:
+                self._create_tables()
             existing = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
         except ImportError as exc:  # the URL's database driver is not installed
             module = (exc.name or "the driver").split(".")[0]
@@ -108,9 +112,25 @@ class ResultStore:
             raise UserError(f"result store {url!r} was written by an older cl (no column {', '.join(missing)}); "
                             f"use a new --store file, or move the old one away")
 
+    def _create_tables(self) -> None:
+        """The store's table and indexes where missing. Processes that open a new store at the same
+        moment race between looking and creating; the loser finds the table made and looks again."""
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except (OperationalError, ProgrammingError) as exc:
+                if "already exists" not in str(exc) or attempt == 2:
+                    raise
+
     def check_writable(self) -> None:
         """Refuse, before anything trains, a store that cannot take a run (read-only file or folder,
-        no permission): a write transaction that changes nothing."""
+        no permission) or that forgets it (an in-memory database): a write transaction that changes
+        nothing."""
+        parsed = self.engine.url
+        if parsed.get_backend_name() == "sqlite" and sqlite_file(parsed) is None:
+            raise UserError(f"store {self.url!r} is an in-memory database, whose runs are gone when cl exits; "
+                            f"pass a file, e.g. --store {DEFAULT_STORE}")
         try:
             with self.engine.begin() as conn:
                 conn.execute(runs.delete().where(runs.c.id == -1))

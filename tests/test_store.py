@@ -200,6 +200,44 @@ def test_in_memory_store(rec):
     assert len(store.list_runs()) == 1
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_training_commands_refuse_an_in_memory_store(url):
+    with pytest.raises(UserError, match="in-memory database, whose runs are gone"):
+        ResultStore(url).check_writable()
+
+
+def test_reading_a_database_that_is_no_store_leaves_it_as_it_was(tmp_path):
+    """cl runs / show / leaderboard on another program's SQLite file (an Optuna study, say): refused,
+    and the file gets no table of ours."""
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table foo (x integer)")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for database in (path, empty):
+        with pytest.raises(UserError, match="holds no cl result store"):
+            ResultStore(f"sqlite:///{database}", must_exist=True)
+    with sqlite3.connect(path) as conn:
+        assert [row[0] for row in conn.execute("select name from sqlite_master")] == ["foo"]
+    assert empty.stat().st_size == 0
+
+
+def test_a_store_created_by_another_process_meanwhile_is_opened(tmp_path, monkeypatch):
+    """Two processes opening a new store at once: the one whose CREATE TABLE comes second looks again."""
+    real, calls = cl.store.metadata.create_all, []
+
+    def raced(engine):
+        calls.append(engine)
+        if len(calls) == 1:  # the other process created the table between our look and our CREATE
+            real(engine)
+            raise sa.exc.OperationalError("CREATE TABLE runs", {}, Exception("table runs already exists"))
+        real(engine)
+
+    monkeypatch.setattr(cl.store.metadata, "create_all", raced)
+    store = ResultStore(f"sqlite:///{tmp_path}/new.db")
+    assert len(calls) == 2 and store.list_runs() == []
+
+
 @pytest.mark.parametrize("url", ["not a url", "nosuchdb://x/y", "sqlite+nosuchdriver:///x.db"])
 def test_bad_url(url):
     with pytest.raises(UserError) as info:

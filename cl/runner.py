@@ -32,7 +32,7 @@ from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
-from cl.training import ComputeCount
+from cl.training import ComputeCount, check_prefixes
 from cl.transforms import InputPipeline, channel_statistics
 from cl.validation import validation_scenario
 
@@ -109,8 +109,16 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     model = model_spec(config, stream)
     available = available_bytes(pipeline.device)
     n_parameters = parameter_count(model) if available is not None else 0
+    backbone_names = None  # the backbone's parameter names, for the freeze and lr_scale prefixes
+    if config.training.freeze or config.training.lr_scale:
+        backbone_names = [name for name, _ in meta_model(model).named_parameters()]
     for component in config.strategies if components is None else components:
         strategy = STRATEGIES.get(component.name).obj
+        if backbone_names is not None and strategy.trainable_modules is Strategy.trainable_modules:
+            try:  # a strategy that trains more than the backbone checks them when it is built
+                check_prefixes(backbone_names, config.training)
+            except ValueError as exc:
+                raise UserError(f"{config.source}: {exc}") from None
         problem = None
         try:
             need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))

@@ -55,18 +55,22 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def parameter_groups(named: list[tuple[str, nn.Parameter]], training: TrainingParams) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: frozen parameters left out, `lr_scale` prefixes in groups of their own.
-
-    Raises ValueError naming a `freeze` or `lr_scale` prefix that matches no parameter.
-    """
-    names = [n for n, _ in named]
+def check_prefixes(names: list[str], training: TrainingParams) -> None:
+    """Raise ValueError naming a `freeze` or `lr_scale` prefix that matches none of these parameter names."""
     for key, prefixes in (("freeze", training.freeze), ("lr_scale", list(training.lr_scale))):
         for prefix in prefixes:
             if not any(_matches(n, prefix) for n in names):
                 tops = sorted({n.split(".")[0] for n in names})
                 raise ValueError(f"training.{key}: {prefix!r} matches no parameter; parameter names start "
                                  f"with {', '.join(tops)}")
+
+
+def parameter_groups(named: list[tuple[str, nn.Parameter]], training: TrainingParams) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: frozen parameters left out, `lr_scale` prefixes in groups of their own.
+
+    Raises ValueError naming a `freeze` or `lr_scale` prefix that matches no parameter.
+    """
+    check_prefixes([n for n, _ in named], training)
     groups: dict[str, list[nn.Parameter]] = {}
     for name, p in named:
         if any(_matches(name, prefix) for prefix in training.freeze):

@@ -606,6 +606,12 @@ def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, wri
                  "--device", "cpu")
     assert result.rc == 2 and "e.toml: [[strategies]] 'class_il_only'" in result.err  # found before the
     assert not store_file(store_url).exists()  # first file trained: no store, nothing written
+    frozen = tiny_raw(name="third", strategies=[{"name": "naive"}])
+    frozen["training"]["freeze"] = ["encoder"]  # the MLP's parameters are features.* and head.*
+    result = cli("run", first, write_experiment(frozen, name="f.toml"), "--store", store_url, "--no-progress",
+                 "--device", "cpu")
+    assert result.rc == 2 and "f.toml: training.freeze: 'encoder' matches no parameter" in result.err
+    assert not store_file(store_url).exists()
     same = write_experiment(tiny_raw(name="first", strategies=[{"name": "naive"}]), name="d.toml")
     result = cli("run", first, same, "--store", store_url, "--no-progress", "--device", "cpu")
     assert result.rc == 2 and "experiment name 'first' appears in two of the files" in result.err

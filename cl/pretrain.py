@@ -5,7 +5,7 @@ A pretraining file is an experiment file without [scenario] and [[strategies]]:
     name = "vit-mnist5k"
     seed = 0
     output = "checkpoints/vit_mnist5k.pt"
-    [dataset] ...   [model] ...   [training] ...   [transforms] ...
+    [dataset] ...   [model] ...   [training] ...   [transforms] ...   [divergence] ...
 
 It trains the model, with a temporary linear head over the dataset's classes, on the whole training
 set (the `joint` strategy on one experience holding every class), reports test accuracy, and writes
@@ -15,6 +15,7 @@ the feature extractor with its configuration and the SHA-256 of the training dat
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from cl.evaluation import Evaluator
 from cl.params import params_to_dict
 from cl.runner import build_scenario, build_strategy, load_datasets
 
-KEYS = ("name", "description", "seed", "output", "dataset", "model", "training", "transforms")
+KEYS = ("name", "description", "seed", "output", "dataset", "model", "training", "transforms", "divergence")
 
 
 def load_pretraining(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, Path]:
@@ -44,12 +45,33 @@ def load_pretraining(path: str | Path, overrides: list[str] = ()) -> tuple[Exper
         raise UserError(f"{path}: unknown key {unknown[0]!r} in a pretraining file; valid keys: {', '.join(KEYS)} "
                         f"(it trains on the whole dataset: no [scenario] or [[strategies]])")
     output = raw.pop("output", None)
-    if not isinstance(output, str) or not output:
+    if not isinstance(output, str) or not output or output.endswith(("/", "\\")):
         raise UserError(f"{path}: output must name the checkpoint file to write, e.g. output = \"checkpoints/x.pt\"")
+    check_writable_file(Path(output), f"{path}: output")
     seed = raw.pop("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UserError(f"{path}: seed must be an integer in [0, 2**63), got {seed!r}")
+    if isinstance(raw.get("dataset"), list) and len(raw["dataset"]) != 1:
+        raise UserError(f"{path}: a pretraining file takes one [dataset], got {len(raw['dataset'])}")
+    if isinstance(raw.get("model"), dict) and raw["model"].get("multi_head"):
+        raise UserError(f"{path}: model.multi_head: pretraining trains one head over every class of the dataset; "
+                        f"leave multi_head out here and set it in the continual experiment")
     experiment = {**raw, "seeds": [seed], "scenario": {"name": "class_incremental", "n_experiences": 1},
                   "strategies": [{"name": "joint"}]}
     return build_experiment(experiment, str(path)), Path(output)
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """Refuse, before anything trains, a file path that cannot be written: a folder, a path under a file,
+    or a folder without write permission."""
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; name the file to write in it, e.g. {str(path / 'backbone.pt')!r}")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(path)!r} lies under {str(existing)!r}, which is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{what} {str(path)!r} cannot be written (no permission in {str(existing)!r}); "
+                        f"choose another path")
 
 
 def data_sha256(datasets: list[LabelledData]) -> str:

@@ -92,9 +92,29 @@ def test_bad_checkpoints_are_one_line_errors_before_anything_is_stored(problem, 
 @pytest.mark.parametrize("change, message", [
     ({"[training]": "[scenario]\nname = \"permuted\"\n[training]"}, "unknown key 'scenario' in a pretraining file"),
     ({"output = ": "elsewhere = "}, "unknown key 'elsewhere'"),
+    ({"/vit.pt": ""}, "is a folder; name the file to write in it"),  # output = the test's folder
+    ({"vit.pt": "vit/"}, "output must name the checkpoint file to write"),
+    ({"vit.pt": "file.txt/vit.pt"}, "which is a file; choose another path"),
+    ({"seed = 0": "seed = -1"}, "seed must be an integer in [0, 2**63), got -1"),
+    ({"heads = 2\n": "heads = 2\nmulti_head = true\n"}, "model.multi_head: pretraining trains one head"),
+    ({"[dataset]\nname = \"digits\"\n": "[[dataset]]\nname = \"digits\"\n[[dataset]]\nname = \"digits\"\n"},
+     "a pretraining file takes one [dataset], got 2"),
 ])
 def test_bad_pretraining_files_are_one_line_errors(change, message, cli, write_experiment, tmp_path, one_line_error):
+    (tmp_path / "file.txt").write_text("not a folder")
     result = cli("pretrain", pretraining_file(write_experiment, tmp_path, **change), "--device", "cpu")
     assert result.rc == 2
     assert message in one_line_error(result.err)
-    assert not (tmp_path / "vit.pt").exists()
+    assert not (tmp_path / "vit.pt").exists() and not list(tmp_path.rglob("*.partial"))
+
+
+def test_pretraining_takes_the_divergence_settings(cli, write_experiment, tmp_path, one_line_error):
+    """[divergence] is read (the pretraining's loss monitor uses it) and checked like an experiment's."""
+    for factor, rc in (("0.5", 2), ("20.0", 0)):
+        text = f"[divergence]\nfactor = {factor}\ncheck_every = 5\n[training]"
+        result = cli("pretrain", pretraining_file(write_experiment, tmp_path, **{"[training]": text}), "--no-progress",
+                     "--device", "cpu")
+        assert result.rc == rc, result.err
+        assert (tmp_path / "vit.pt").exists() == (rc == 0)
+    assert "[divergence]: factor must be > 1" in one_line_error(cli("pretrain", pretraining_file(
+        write_experiment, tmp_path, **{"[training]": "[divergence]\nfactor = 0.5\n[training]"}), "--device", "cpu").err)

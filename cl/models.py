@@ -99,6 +99,11 @@ def cnn(p: CNNParams, input_shape: tuple[int, ...], n_classes: int, n_heads: int
     """Small CNN: conv-ReLU-maxpool blocks, then one hidden fully connected layer."""
     if len(input_shape) != 3:
         raise UserError(f"model 'cnn' needs image inputs (C, H, W), got shape {list(input_shape)}; use 'mlp'")
+    side = min(input_shape[1:])
+    if side < 2 ** len(p.channels):  # each block's 2x2 max-pool halves the image (rounding down)
+        raise UserError(f"model 'cnn': {len(p.channels)} blocks halve a {side}-pixel side {len(p.channels)} times, "
+                        f"to nothing; give at most {max(side.bit_length() - 1, 0)} channels entries "
+                        f"(now {p.channels})")
     layers: list[nn.Module] = []
     c = input_shape[0]
     for out in p.channels:

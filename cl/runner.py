@@ -74,6 +74,12 @@ def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed:
     scenario = generator(datasets, config.scenario.params, seed)
     if config.evaluated_on == "validation":
         scenario = validation_scenario(scenario, config.validation.fraction, seed)
+    for part, experiences in (("training", scenario.train), ("validation" if config.evaluated_on == "validation"
+                                                             else "test", scenario.test)):
+        for k, exp in enumerate(experiences):
+            if len(exp.y) == 0:
+                raise UserError(f"{config.source}: experience {k + 1} of {len(experiences)} (seed {seed}) has no "
+                                f"{part} samples; use fewer experiences (scenario.n_experiences) or more data")
     return scenario
 
 

@@ -329,6 +329,16 @@ def test_incompatible_strategy_is_refused_before_anything_trains(run_tiny, tiny_
     assert not store_file(store_url).exists()  # refused before the store was created
 
 
+@pytest.mark.parametrize("n_samples, empty", [(100, "experience 7 of 10 (seed 0) has no test samples"),
+                                              (10, "experience 3 of 10 (seed 0) has no training samples")])
+def test_an_experience_without_samples_is_refused(n_samples, empty, run_tiny, tiny_raw, one_line_error, store_url):
+    """MNIST-1D's split is not stratified: 100 or 10 samples over 10 classes leave some experience empty,
+    which used to be stored as a completed run without metrics, or a failed one."""
+    raw = tiny_raw(strategies=[{"name": "naive"}], dataset={"name": "mnist1d", "n_samples": n_samples})
+    raw["scenario"]["n_experiences"] = 10
+    result = run_tiny(raw)
+    assert result.rc == 2 and empty in one_line_error(result.err)
+    assert not store_file(store_url).exists()
 
 
 def test_unknown_strategy_in_file(run_tiny, tiny_raw, one_line_error, stored):

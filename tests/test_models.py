@@ -28,6 +28,12 @@ def test_image_models_reject_flat_inputs():
         cnn(CNNParams(), (1, 40), 10, 1)
 
 
+def test_cnn_refuses_more_pooling_blocks_than_the_image_has_pixels_for():
+    assert cnn(CNNParams(channels=[4, 4, 4]), (1, 8, 8), 10, 1)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)  # 8-4-2-1
+    with pytest.raises(UserError, match=r"4 blocks halve a 8-pixel side 4 times, to nothing; give at most 3"):
+        cnn(CNNParams(channels=[4, 4, 4, 4]), (1, 8, 8), 10, 1)
+
+
 def test_multi_head_picks_the_head_of_each_sample():
     m = mlp(MLPParams(hidden=[4], multi_head=True), (3,), 2, 3)
     with torch.no_grad():

@@ -119,25 +119,31 @@ def parse_value(text: str) -> Any:
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `--set section.key=value` to the raw TOML dict.
 
-    `strategies.NAME.key=v` targets the strategies whose label or name is NAME;
+    `strategies.NAME.key=v` targets the strategy labelled NAME (a label may hold dots: the key is
+    what follows the last one), or, when no label is NAME, every strategy registered as NAME;
     `dataset.key=v` targets every dataset table.
     """
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r}: expected key=value, e.g. training.lr=0.05")
     path, _, text = assignment.partition("=")
-    keys = path.strip().split(".")
+    path = path.strip()
+    keys = path.split(".")
     value = parse_value(text.strip())
     if keys[0] == "strategies":
-        if not all(isinstance(s, dict) for s in raw.get("strategies", [])):
+        strategies = raw.get("strategies", [])
+        if not all(isinstance(s, dict) for s in strategies):
             raise UserError("strategies must be a list of tables ([[strategies]] with name = ...)")
-        if len(keys) != 3:
+        label, _, key = path.partition(".")[2].rpartition(".")
+        label = label.strip("\"'")
+        if not label or not key:
             raise UserError(f"--set {assignment!r}: use strategies.NAME.key=value")
-        targets = [s for s in raw.get("strategies", []) if keys[1] in (s.get("label"), s.get("name"))]
+        targets = ([s for s in strategies if s.get("label", s.get("name")) == label]
+                   or [s for s in strategies if s.get("name") == label])
         if not targets:
             names = ", ".join(str(s.get("label", s.get("name"))) for s in raw.get("strategies", []))
-            raise UserError(f"--set {assignment!r}: no strategy {keys[1]!r} in this experiment (has: {names})")
+            raise UserError(f"--set {assignment!r}: no strategy {label!r} in this experiment (has: {names})")
         for s in targets:
-            s[keys[2]] = value
+            s[key] = value
         return
     if keys[0] == "dataset" and len(keys) == 2:
         tables = raw.get("dataset", {})

@@ -381,6 +381,14 @@ def test_two_er_entries_with_distinct_labels(write_experiment, tiny_raw):
     assert [s.params.buffer_size for s in config.strategies] == [10, 7]
     config = load_experiment(path, ["strategies.er.replay_batch_size=3"])
     assert [s.params.replay_batch_size for s in config.strategies] == [3, 3]
+    # a label may hold dots (the key follows the last one), quoted or not; a label is matched before names
+    raw = tiny_raw(strategies=[{"name": "er", "label": "er-0.5k", "buffer_size": 500},
+                               {"name": "der", "label": "er", "buffer_size": 100}])
+    path = write_experiment(raw)
+    for override in ("strategies.er-0.5k.buffer_size=20", 'strategies."er-0.5k".buffer_size=20'):
+        assert [s.params.buffer_size for s in load_experiment(path, [override]).strategies] == [20, 100]
+    assert [s.params.buffer_size for s in load_experiment(path, ["strategies.er.buffer_size=7"]).strategies] == [
+        500, 7]
     # a label equal to another entry's label is still a duplicate
     assert "appears twice" in error_of(tiny_raw(strategies=[{"name": "naive"}, {"name": "er", "label": "naive"}]))
 

@@ -256,3 +256,20 @@ def params_to_dict(instance: Any) -> dict[str, Any]:
 
 __all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "file_key",
            "params_to_dict", "range_text", "type_name", "valid_keys_text"]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one dict of dotted keys: {"training": {"lr": 0.1}} -> {"training.lr": 0.1}."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two configurations, as "key: old -> new"."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(none)") != b.get(k, "(none)")]

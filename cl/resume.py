@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cl.errors import UserError
+from cl.params import changes, flatten
 
 FORMAT = "cl-run-checkpoint/1"
 
@@ -36,7 +37,7 @@ def run_folder(root: Path, identity: dict[str, Any]) -> Path:
     values (a user's parallel runs) so get folders of their own and never overwrite or remove each other's
     checkpoints, while a run resumed by changed code finds its checkpoint and is refused, naming the change."""
     configuration = {**identity, "setup": {k: v for k, v in identity["setup"].items() if k != "code_version"}}
-    digest = hashlib.sha256(repr(sorted(_flat(configuration).items())).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(repr(sorted(flatten(configuration).items())).encode()).hexdigest()[:8]
     experiment, label = (re.sub(r"[^A-Za-z0-9_.-]+", "-", part).strip("-.")[:60] or "x"
                          for part in (identity["experiment"], identity["label"]))
     return root / experiment / f"{label}-seed{identity['seed']}-{digest}"
@@ -65,22 +66,6 @@ def remove_run_folder(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty: other runs of the experiment are unfinished
         folder.parent.rmdir()
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two configurations, as "key: old -> new"."""
-    a, b = _flat(saved), _flat(current)
-    return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "(none)") != b.get(k, "(none)")]
 
 
 def _global_rng_state() -> dict[str, Any]:

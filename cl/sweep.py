@@ -49,8 +49,8 @@ from optuna.trial import TrialState
 from cl.config import ExperimentConfig, build_experiment, read_toml
 from cl.errors import Pruned, UserError
 from cl.registry import STRATEGIES
+from cl.params import changes
 from cl.data import LabelledData
-from cl.resume import changes
 from cl.runner import Run, build_scenario, input_pipeline, model_spec, train_alone, train_together
 from cl.stacking import PER_MEMBER_TRAINING, stacking_problem
 from cl.footprint import meta_model

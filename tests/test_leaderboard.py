@@ -159,6 +159,9 @@ def test_runs_with_other_settings_are_never_averaged_together(tmp_path):
     sections = [line for line in md.splitlines() if line.startswith("## ") and line != "## Definitions"]
     assert len(sections) == 2  # lr 0.05 and lr 0.1 are two setups
     assert sum("newest" in s for s in sections) == 1
+    # the older section says what its setup differs in, and nothing else differs
+    (differs,) = [line for line in md.splitlines() if line.startswith("Differs from the newest setup")]
+    assert differs.split(": ", 1)[1] in ("training.lr: 0.1 -&gt; 0.05", "training.lr: 0.05 -&gt; 0.1")
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| er")]
     # Same label, two hyperparameter sets under lr 0.05: two table rows, each of one seed.
     assert sorted(rows) == ["| er", "| er (buffer_size=20)", "| er (buffer_size=50)"]
@@ -178,6 +181,8 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
     assert sum(line.startswith("## test-digits") for line in md.splitlines()) == 2
     assert "code cl-bench 0.0.1 (feedbeef)" in md and f"code {record.provenance['code_version']}" in md
     assert md.count("| naive | - | 1 |") == 2  # one seed per section, not one row of two seeds
+    assert (f"Differs from the newest setup (newest -> this): code_version: {record.provenance['code_version']!r} "
+            f"-&gt; 'cl-bench 0.0.1 (feedbeef)'") in md
 
 
 def test_one_label_with_two_strategies_or_package_versions_is_two_rows(tmp_path):
@@ -218,6 +223,15 @@ def test_text_from_experiment_files_is_escaped_everywhere_and_plot_names_never_c
     with open(tmp_path / "board" / "results.csv") as f:
         experiments = {r["experiment"] for r in csv.DictReader(f)}
     assert "'=HYPERLINK(1)|<script>x</script>" in experiments  # not run as a formula by a spreadsheet
+    # Figures of sections that are gone go too; other pictures in the folder stay.
+    (tmp_path / "board" / "photo.png").write_bytes(b"")
+    store.write(dataclasses.replace(store.records()[0], run_key="other", setup_key="0" * 16,
+                                    created_at="2999-01-01T00:00:00+00:00"))  # one experiment gets a newer setup
+    again = {p.name for p in generate(store, tmp_path / "board") if p.suffix == ".png"}
+    assert sorted(p.name for p in (tmp_path / "board").glob("*.png")) == sorted(again | {"photo.png"})
+    assert len(again) == 12 and not set(pngs) <= again  # it became two sections with new names
+    generate(store, tmp_path / "board", plots=False)
+    assert [p.name for p in (tmp_path / "board").glob("*.png")] == ["photo.png"]
 
 
 WRITER = """

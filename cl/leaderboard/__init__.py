@@ -13,11 +13,12 @@ leaderboard reports test metrics only. Outputs, all derived from the store alone
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from cl.errors import UserError
 from cl.leaderboard.page import markdown, page, write_csv
-from cl.leaderboard.plots import write_plots
+from cl.leaderboard.plots import PLOTS, write_plots
 from cl.leaderboard.summary import protocols
 from cl.store import ResultStore
 
@@ -38,8 +39,19 @@ def generate(store: ResultStore, out_dir: str | Path, plots: bool = True) -> lis
     (out / "README.md").write_text(markdown(sections, figures))
     write_csv(sections, out / "results.csv")
     (out / "index.html").write_text(page(sections, figures))
+    remove_stale_figures(out, {path for kinds in figures.values() for path in kinds.values()})
     return [path for kinds in figures.values() for path in kinds.values()] + \
         [out / "README.md", out / "results.csv", out / "index.html"]
+
+
+def remove_stale_figures(out: Path, written: set[Path]) -> None:
+    """Delete figures of earlier generations that this one did not write: a section whose title changed
+    (an experiment's second setup appended "(setup ..., newest)") or that is gone, or every figure after
+    --no-plots. Only files named as write_plots names them (<slug>-<8 hex>-<kind>.png) are touched."""
+    named = re.compile(rf".+-[0-9a-f]{{8}}-({'|'.join(PLOTS)})\.png")
+    for path in out.glob("*.png"):
+        if named.fullmatch(path.name) and path not in written:
+            path.unlink(missing_ok=True)
 
 
 __all__ = ["generate"]

@@ -112,6 +112,8 @@ def markdown(protocols: list[Protocol], plots: dict[str, dict[str, Path]]) -> st
     for p in protocols:
         headers, body, footnotes = table(p)
         lines += [f"## {md(p.title)}", "", md(p.description), "", f"Setup: {md(p.setup_line)}", ""]
+        if p.differences:
+            lines += [f"Differs from the newest setup (newest -> this): {md('; '.join(p.differences))}", ""]
         if body:
             lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
             lines += ["| " + " | ".join(f"**{md(t)}**" if bold else md(t) for t, _, bold in cells) + " |"
@@ -162,6 +164,9 @@ def page(protocols: list[Protocol], plots: dict[str, dict[str, Path]]) -> str:
         headers, body, footnotes = table(p)
         parts.append(f"<section class='protocol' id='{e(p.slug)}'><h2>{e(p.title)}</h2><p>{e(p.description)}</p>"
                      f"<p class='setup'>Setup: {e(p.setup_line)}</p>")
+        if p.differences:
+            parts.append(f"<p class='setup'>Differs from the newest setup (newest -&gt; this): "
+                         f"{e('; '.join(p.differences))}</p>")
         if body:
             parts.append("<table class='sortable'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers)
                          + "</tr></thead><tbody>")

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from cl.config import NON_RESULT_KEYS
 from cl.leaderboard.published import Published, published_for
+from cl.params import changes
 from cl.record import RunRecord
 from cl.report import label_variants
 
@@ -83,6 +85,8 @@ class Protocol:
     setting: str
     description: str
     setup_line: str
+    # An experiment with several setups: what this one's differs in from the newest, "key: newest -> this".
+    differences: list[str]
     rows: list[StrategyRow]  # best ACC first
     stopped: list[tuple[str, RunRecord]]  # (row label, run) of runs that did not complete
     runs: list[tuple[str, RunRecord]]  # (row label, run) of every run, in store order
@@ -124,6 +128,15 @@ def setup_line(record: RunRecord) -> str:
             f"model {c['model']['name']} {json.dumps(model)}; {t['epochs']} epoch(s), batch {t['batch_size']}, "
             f"{t['optimizer']} lr {t['lr']}; ran on {record.provenance['device']}; "
             f"code {record.provenance['code_version']}")
+
+
+def run_setup(record: RunRecord) -> dict[str, Any]:
+    """What a run's setup key covers, from its record: the configuration without the strategy and the
+    datasets' non-result keys, the device type and the code version."""
+    setup = {k: v for k, v in record.config.items() if k not in ("strategy", "experiment_file", "description")}
+    setup["datasets"] = [{k: v for k, v in d.items() if k not in NON_RESULT_KEYS} for d in setup.get("datasets", [])]
+    return {**setup, "device": str(record.provenance.get("device", "")).partition(":")[0],
+            "code_version": record.provenance.get("code_version")}
 
 
 def _rows(labelled: list[tuple[str, RunRecord]], experiment: str) -> list[StrategyRow]:
@@ -179,8 +192,10 @@ def protocols(records: list[RunRecord]) -> list[Protocol]:
             labels = [row["strategy"] for row in label_variants([r.headline() for r in runs])]
             labelled = list(zip(labels, runs))
             completed = [(label, r) for label, r in labelled if r.status == "completed"]
+            newest = groups[(experiment, keys[0])][0]
+            differences = changes(run_setup(newest), run_setup(runs[0])) if i > 0 else []
             protocol = Protocol(title, slug(title), experiment, runs[0].setting,
-                                runs[0].config.get("description") or "", setup_line(runs[0]),
+                                runs[0].config.get("description") or "", setup_line(runs[0]), differences,
                                 _rows(completed, experiment), [(l, r) for l, r in labelled if r.status != "completed"],
                                 labelled)
             mark_best_and_ties(protocol.rows, protocol.columns)

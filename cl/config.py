@@ -46,6 +46,10 @@ TOP_LEVEL = {"name": "str", "description": "str", "seeds": "list[int]", "dataset
 REQUIRED = ("name", "dataset", "scenario", "model", "strategies")
 # Keys that do not change results and so do not enter a run's identity.
 NON_RESULT_KEYS = {"data_dir"}
+# The result store's column widths (cl/store.py): PostgreSQL refuses longer text, so longer names are
+# refused here, before a run trains that could never be stored.
+MAX_NAME = 200  # experiment names, sweep study names
+MAX_LABEL = 100  # strategy labels
 
 
 @dataclasses.dataclass
@@ -104,6 +108,9 @@ def _component(registry: Registry, table: Any, where: str, allow_label: bool = F
     if not isinstance(name, str):
         raise UserError(f"{where} needs name = \"...\"; known: {', '.join(registry.names())}")
     label = values.pop("label", name) if allow_label else name
+    if len(str(label)) > MAX_LABEL:
+        raise UserError(f"{where}: label is {len(str(label))} characters long; the result store takes at most "
+                        f"{MAX_LABEL}: shorten it")
     entry = registry.get(name)
     return Component(name, build_params(entry.params, values, f"{where} {name!r}"), str(label))
 
@@ -196,6 +203,9 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     name = raw["name"]
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: name must be a non-empty string")
+    if len(name) > MAX_NAME:
+        raise UserError(f"{where}: name is {len(name)} characters long; the result store takes at most {MAX_NAME}: "
+                        f"shorten it")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{where}: description must be a string, got {description!r}")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from cl.config import MAX_LABEL, MAX_NAME
 from cl.errors import UserError
 from cl.record import RunRecord
 
@@ -36,8 +37,8 @@ runs = sa.Table(
     sa.Column("setup_key", sa.String(16), nullable=False, index=True),
     sa.Column("code_version", sa.String(200), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
-    sa.Column("experiment", sa.String(200), nullable=False, index=True),
-    sa.Column("strategy", sa.String(100), nullable=False),
+    sa.Column("experiment", sa.String(MAX_NAME), nullable=False, index=True),
+    sa.Column("strategy", sa.String(MAX_LABEL), nullable=False),
     sa.Column("strategy_name", sa.String(100), nullable=False),
     sa.Column("params", sa.JSON, nullable=False),
     sa.Column("seed", sa.BigInteger, nullable=False),  # seeds go up to 2**63 - 1
@@ -46,7 +47,7 @@ runs = sa.Table(
     sa.Column("wall_seconds", sa.Float),
     *[sa.Column(name, sa.BigInteger) for name in BUDGET_COLUMNS[1:]],
     sa.Column("evaluated_on", sa.String(20), nullable=False),
-    sa.Column("study", sa.String(200), index=True),
+    sa.Column("study", sa.String(MAX_NAME), index=True),
     sa.Column("record", sa.JSON, nullable=False),
 )
 COLUMNS = [c.name for c in runs.c if c.name not in ("id", "record")]

@@ -46,7 +46,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cl.config import ExperimentConfig, build_experiment, read_toml
+from cl.config import MAX_NAME, ExperimentConfig, build_experiment, read_toml
 from cl.errors import Pruned, UserError
 from cl.registry import STRATEGIES
 from cl.params import changes
@@ -288,8 +288,12 @@ def prepare_sweep(path: str | Path, overrides: list[str], label: str | None, met
     config = build_experiment(with_values(raw, label, first_values(dimensions)), where)
     if len(set(names)) != len(names):
         raise UserError(f"{where}: dimension names repeat ({names})")
+    study = study or f"{config.name}.{label}"
+    if len(study) > MAX_NAME:
+        raise UserError(f"study name {study[:40]!r}... is {len(study)} characters long; the result store takes at "
+                        f"most {MAX_NAME}: pass a shorter --study")
     return Sweep(raw, where, label, dimensions, metric, config.seeds[0] if seed is None else seed,
-                 storage or default_storage(store_url), study or f"{config.name}.{label}")
+                 storage or default_storage(store_url), study)
 
 
 def unmeasured(metric: str, strategy: type, scenario: Any) -> str | None:

@@ -531,3 +531,11 @@ def test_a_field_that_declares_its_file_key_is_known_by_that_key_everywhere():
                             ({}, "missing required parameter class (str: a class); add class = ... to its table")]:
         with pytest.raises(UserError, match=re.escape(f"strategy 'x': {message}")):
             build_params(Keyed, values, "strategy 'x'")
+
+
+def test_names_longer_than_the_store_takes_are_refused(tiny_raw):
+    """PostgreSQL refuses text longer than the store's columns: such a run trained and could never be stored."""
+    assert build_experiment(tiny_raw(name="e" * 200, strategies=[{"name": "naive", "label": "l" * 100}]))
+    assert "name is 201 characters long; the result store takes at most 200" in error_of(tiny_raw(name="e" * 201))
+    assert "label is 101 characters long; the result store takes at most 100" in error_of(
+        tiny_raw(strategies=[{"name": "naive", "label": "l" * 101}]))

@@ -133,6 +133,13 @@ def test_bad_search_spaces_are_refused_in_one_line(tmp_path, replace, message):
         sweep_of(experiment_file(tmp_path, text=text), tmp_path)
 
 
+def test_a_study_name_longer_than_the_store_takes_is_refused(tmp_path):
+    path = experiment_file(tmp_path)
+    assert sweep_of(path, tmp_path, study="s" * 200).study_name == "s" * 200
+    with pytest.raises(UserError, match="is 201 characters long; the result store takes at most 200"):
+        sweep_of(path, tmp_path, study="s" * 201)
+
+
 def test_buffer_size_choices_are_a_shape_dimension(tmp_path):
     text = EXPERIMENT.replace("buffer_size = 100", "buffer_size = {{choices = [50, 100]}}")
     sweep = sweep_of(experiment_file(tmp_path, text=text), tmp_path)

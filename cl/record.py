@@ -126,6 +126,27 @@ class RunRecord:
         JSON has no NaN and PostgreSQL's json type refuses the token Python's json module writes."""
         return _finite(dataclasses.asdict(self))
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field whose type is not what cl writes: a record file edited
+        by hand or written by another program (`cl import` reads such files)."""
+        def refuse(name: str, value: Any, kind: str) -> None:
+            raise ValueError(f"{name} must be {kind}, got {str(value)[:60]!r}")
+
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+            if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                refuse(f.name, value, kind.__name__)
+        parts = {"budgets": self.budgets, "metrics": self.metrics, "task_il_metrics": self.task_il_metrics}
+        for part_name, part in parts.items():
+            for f in dataclasses.fields(part) if part is not None else ():
+                value = getattr(part, f.name)
+                if (value is not None or part_name == "budgets") and (
+                        isinstance(value, bool) or not isinstance(value, (int, float))):
+                    refuse(f"{part_name}.{f.name}", value, "a number")
+        for key in ("code_version", "device"):
+            if not isinstance(self.provenance.get(key), str):
+                refuse(f"provenance.{key}", self.provenance.get(key), "a string")
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunRecord":
         values = dict(data)
@@ -134,6 +155,14 @@ class RunRecord:
             values["task_il_metrics"] = Metrics(**values["task_il_metrics"])
         values["budgets"] = Budgets(**values["budgets"])
         return cls(**values)
+
+
+# What RunRecord.check expects of each field (fields not named here hold None or a nested structure).
+_FIELD_TYPES: dict[str, type] = {
+    "run_key": str, "setup_key": str, "created_at": str, "experiment": str, "strategy": str, "strategy_name": str,
+    "params": dict, "seed": int, "status": str, "setting": str, "matrix": list, "metrics": Metrics,
+    "budgets": Budgets, "logs": dict, "scenario": dict, "config": dict, "provenance": dict, "model_stats": dict,
+    "evaluated_on": str}
 
 
 def _finite(value: Any) -> Any:

@@ -157,7 +157,8 @@ class ResultStore:
         """Store a run kept by `write_or_keep` (`cl import`); returns its id."""
         try:
             record = RunRecord.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+            record.check()
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UserError(f"cannot import {path}: not a run kept by cl ({type(exc).__name__}: {exc})") from None
         try:
             return self.write(record)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
+import re
 import sqlite3
 import subprocess
 
@@ -358,3 +360,28 @@ def test_a_store_locked_at_opening_is_one_line_that_says_what_to_do(tmp_path):
         holder.close()
     message = str(raised.value)
     assert "database is locked" in message and "--busy-timeout, now 0.1 s" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(provenance=None), "provenance must be dict"),
+    (lambda d: d["provenance"].pop("code_version"), "provenance.code_version must be a string"),
+    (lambda d: d["budgets"].update(wall_seconds="x"), "budgets.wall_seconds must be a number, got 'x'"),
+    (lambda d: d.update(seed="zero"), "seed must be int, got 'zero'"),
+    (lambda d: d.update(seed=True), "seed must be int"),
+    (lambda d: d["metrics"].update(acc=[0.5]), "metrics.acc must be a number"),
+    (lambda d: d.update(metrics=None), "not a run kept by cl"),
+    (lambda d: d.update(matrix="0.5"), "matrix must be list"),
+])
+def test_importing_a_hand_edited_record_names_the_field(edit, message, tmp_path, rec):
+    """cl import reads files a user may have edited: a wrong type is one line naming the field, and nothing
+    is stored (such records used to raise AttributeError or TypeError, or be stored with a string seed)."""
+    data = rec.to_json()
+    edit(data)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    store = ResultStore(f"sqlite:///{tmp_path}/x.db")
+    with pytest.raises(UserError, match=re.escape(message)):
+        store.import_file(path)
+    assert store.list_runs() == []
+    path.write_text(json.dumps(rec.to_json()))
+    assert store.get(store.import_file(path)).seed == rec.seed

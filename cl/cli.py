@@ -284,7 +284,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = ResultStore(args.store)
     store.check_writable()
     worker = args.worker_index is not None
-    study = sweeps.open_study(sweep, args.pruner, args.heartbeat, sampler_seed=sweep.seed + (args.worker_index or 0))
+    study = sweeps.open_study(sweep, args.pruner, args.heartbeat)
     if not worker:
         print(f"sweep {sweep.study_name}: {args.trials} trials of {sweep.label} in "
               f"{', '.join(d.describe() for d in sweep.dimensions)}; objective: validation {sweep.metric} "

@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -330,15 +331,59 @@ def default_storage(store_url: str) -> str:
     return "sqlite:///results/sweeps.db"
 
 
-def trial_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
-    """TPE after 8 random trials; `constant_liar` keeps concurrent workers from proposing the same point."""
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=8)
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE after 8 random trials (`constant_liar` keeps concurrent workers from proposing the same point),
+    whose random draws for parameter p of trial n come from (seed, n, p) rather than from one stream per
+    process.
+
+    Trial numbers are handed out by the study's storage, one per trial across every process, so workers
+    on one machine or many, started at the same moment with the same seed, never draw the same random
+    trials (with a stream per process, every host's first worker drew the same ones); a continued study
+    (a higher --trials, a restart after a kill) draws new trials; trials asked together (a stacked group)
+    draw what they would draw one by one; and one process's sweep is reproducible from its seed."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed, constant_liar=True, n_startup_trials=8)
+        self.base_seed = seed
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        seed = np.random.SeedSequence([self.base_seed, trial.number, zlib.crc32(param_name.encode())])
+        state = int(seed.generate_state(1)[0])
+        self._rng.rng.seed(state)  # TPE's own draws, and its random startup sampler's
+        self._random_sampler._rng.rng.seed(state)
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
 
-def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sampler_seed: int | None = None,
-               create: bool = True) -> optuna.Study:
+class RunningAccuracyPruner(optuna.pruners.BasePruner):
+    """Stop a trial whose value at an experience is worse than the median of the finished trials' values at
+    that experience (once `n_startup_trials` have finished, from experience `n_warmup_steps` on).
+
+    Optuna's MedianPruner compares the best value a trial has reported so far, which suits curves that
+    improve with training; a continual run's accuracy over the experiences seen so far falls as they
+    accumulate, so its best is its first experience's, and that pruner stopped nothing but trials that
+    learned their first experience badly."""
+
+    def __init__(self, n_startup_trials: int = 4, n_warmup_steps: int = 2):
+        self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return False
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        others = [t.intermediate_values[step] for t in finished if step in t.intermediate_values]
+        if len(finished) < self.n_startup_trials or not others:
+            return False
+        value, median = trial.intermediate_values[step], float(np.median(others))
+        if math.isnan(value):
+            return True
+        return value < median if study.direction == optuna.study.StudyDirection.MAXIMIZE else value > median
+
+
+def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, create: bool = True) -> optuna.Study:
     """The study in its storage (created when missing and `create`), with heartbeats, one retry of a trial
-    whose worker died, a TPE sampler and the pruner."""
+    whose worker died, a TPE sampler seeded by the sweep's seed and each trial's number, and the pruner."""
     url = sweep.storage
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
@@ -357,25 +402,19 @@ def open_study(sweep: Sweep, pruner: str = "median", heartbeat: int = 10, sample
     except Exception as exc:  # SQLAlchemy's errors for bad URLs and unreachable servers
         raise UserError(f"cannot open sweep storage {url!r}: {str(exc).splitlines()[0]}") from None
     # Accuracy after the first experience says little about forgetting: no pruning before the second.
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
+    pruners = {"median": lambda: RunningAccuracyPruner(n_startup_trials=4, n_warmup_steps=2),
                "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
                "none": lambda: optuna.pruners.NopPruner()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if create:
         study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.direction,
-                                    sampler=trial_sampler(None), pruner=pruners[pruner](), load_if_exists=True)
+                                    sampler=TrialSeededTPE(sweep.seed), pruner=pruners[pruner](), load_if_exists=True)
     else:
         try:
-            study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=trial_sampler(None),
+            study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=TrialSeededTPE(sweep.seed),
                                       pruner=pruners[pruner]())
         except KeyError:
             raise UserError(f"no study {sweep.study_name!r} in {url}; run `cl sweep` first, or pass --study") from None
-    if sampler_seed is not None:
-        # A continued study (a higher --trials, a restart after a kill) must not draw its first trials
-        # again: the sampler's stream also depends on how many trials the study holds already.
-        before = len(study.get_trials(deepcopy=False))
-        study.sampler = trial_sampler(sampler_seed if before == 0 else
-                                      int(np.random.SeedSequence([sampler_seed, before]).generate_state(1)[0]))
     known = study.user_attrs.get("sweep")
     if known is None:
         study.set_user_attr("sweep", sweep.identity())

@@ -49,12 +49,14 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
                  classes: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the student's softened distribution against the teacher's, averaged over samples;
     with `classes` (a boolean mask over the columns), both distributions are over those classes only
-    (the other logits are set to the dtype's minimum, so they get probability 0 and no gradient)."""
+    (the other softened logits are set to the dtype's minimum, so they get probability 0 and no gradient;
+    masked after dividing by the temperature, since the minimum divided by T < 1 is -inf, and 0 * -inf
+    is NaN)."""
+    student, teacher = student / temperature, teacher / temperature
     if classes is not None:
         lowest = torch.finfo(student.dtype).min
         student, teacher = student.masked_fill(~classes, lowest), teacher.masked_fill(~classes, lowest)
-    target = F.softmax(teacher / temperature, dim=1)
-    return -(target * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+    return -(F.softmax(teacher, dim=1) * F.log_softmax(student, dim=1)).sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------- LwF

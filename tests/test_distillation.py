@@ -36,6 +36,18 @@ def test_distillation_term_by_hand():
     assert both.item() == pytest.approx(math.log(2))
 
 
+@pytest.mark.parametrize("temperature", [0.5, 0.99, 1.0, 2.0])
+def test_masked_distillation_is_over_the_masked_classes_at_every_temperature(temperature):
+    """A third, masked class changes nothing, and gets no gradient (at T < 1 the mask used to give NaN)."""
+    teacher = torch.tensor([[0.0, 2 * math.log(3), 5.0]])
+    student = torch.tensor([[0.3, -0.2, 7.0]], requires_grad=True)
+    mask = torch.tensor([True, True, False])
+    value = distillation(student, teacher, temperature, mask)
+    assert value.item() == pytest.approx(distillation(student[:, :2], teacher[:, :2], temperature).item())
+    value.backward()
+    assert torch.isfinite(student.grad).all() and student.grad[0, 2] == 0
+
+
 def test_nearest_mean_of_exemplars_by_hand():
     means = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
     features = torch.tensor([[3.0, 0.5], [0.2, 2.0], [-5.0, -1.0], [0.0, -1.0]])

@@ -140,6 +140,7 @@ class StreamInfo:
     setting: str
     task_labels_at_test: bool
     input_shape: tuple[int, ...]  # what the model receives, after the input pipeline
+    classes_recur: bool  # some class is in the training data of more than one experience (blurry, domain-IL)
 
 
 @dataclasses.dataclass
@@ -191,8 +192,11 @@ class Scenario:
         return sum(storages.values())
 
     def stream_info(self, input_shape: tuple[int, ...]) -> StreamInfo:
+        experiences_of_class = torch.zeros(self.n_classes, dtype=torch.long)
+        for exp in self.train:
+            experiences_of_class[exp.classes.cpu()] += 1
         return StreamInfo(self.n_experiences, self.n_classes, self.n_tasks, self.setting,
-                          self.task_labels_at_test, tuple(input_shape))
+                          self.task_labels_at_test, tuple(input_shape), bool((experiences_of_class > 1).any()))
 
     def __getitem__(self, index: int | slice) -> "Scenario | tuple[Experience, Experience]":
         """`s[i]` is the pair (train[i], test[i]); `s[a:b]` is a shorter Scenario."""

@@ -129,7 +129,11 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
         try:
             need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
             if available is None or need <= available:  # first: incompatibility() may build the model
-                problem = strategy.incompatibility(component.params, stream, model)
+                problem = (strategy.incompatibility(component.params, stream, model)
+                           or strategy.training_incompatibility(component.params, stream, config.training,
+                                                                config.transforms))
+        except UserError:
+            raise
         except Exception:  # a plugin's bug: when this strategy is built for a run, that run fails with it
             if components is None:
                 continue
@@ -473,8 +477,13 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
                 log(f"{describe_run(done)}  (already stored)")
             else:
                 pending.append(seed)
-        folders = {seed: run_folder(store.checkpoint_root, identities[seed]) for seed in pending}
-        starting = [seed for seed in pending if resume and not folders[seed].exists()]
+        strategy_class = STRATEGIES.get(component.name).obj
+        if not strategy_class.resumable and resume and pending:
+            log(f"{component.label}: its strategy's state cannot be checkpointed, so its unfinished runs start "
+                f"from the beginning")
+        folders = {seed: run_folder(store.checkpoint_root, identities[seed]) if strategy_class.resumable else None
+                   for seed in pending}
+        starting = [seed for seed in pending if resume and folders[seed] is not None and not folders[seed].exists()]
         for seed in starting:  # a changed --set may be a slip: say which checkpoints were left alone
             for diff in other_configurations(folders[seed], identities[seed]):
                 log(f"{component.label} seed {seed}: starts from the beginning; a checkpoint of another "
@@ -483,11 +492,10 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
         if graphs and not graphed:
             log(f"cuda graphs: {component.label} runs eagerly: "
                 f"{graph_problem(STRATEGIES.get(component.name).obj, device)}")
-        strategy_class = STRATEGIES.get(component.name).obj
         unstackable = stacking_problem(strategy_class, backbone)
         if stack and len(pending) > 1 and strategy_class.stackable and unstackable is not None:
             log(f"{component.label}: its runs train one by one, not stacked: {unstackable}")
-        resumed = {seed for seed in pending if resume and folders[seed].exists()}
+        resumed = {seed for seed in pending if resume and folders[seed] is not None and folders[seed].exists()}
         for group in stack_groups(component, pending, scenarios, stack, resumed, backbone):
             if len(group) == 1 and not (graphed and group[0] not in resumed):
                 seed = group[0]
@@ -499,7 +507,8 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
             for seed, record in zip(group, finished):
                 stored = store.write_or_keep(record)
                 record.id = stored if isinstance(stored, int) else None
-                remove_run_folder(folders[seed])  # finished: in the store, or kept in a file
+                if folders[seed] is not None:  # finished: in the store, or kept in a file
+                    remove_run_folder(folders[seed])
                 records.append(record)
                 log(describe_run(record) if record.id is not None else
                     f"{describe_run(record)}  NOT STORED (the store refused it): kept in {stored}")

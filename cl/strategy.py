@@ -62,7 +62,9 @@ Hooks to override (all optional):
 Class attributes: `Params` (a parameter dataclass), `kept` (names of the
 attributes that hold what the strategy keeps: they make `memory_bytes()` and
 are saved by `state_dict()`), `supported_settings`, `supported_models`,
-`joint_training`, `stackable` and `member_state` (see cl/stacking.py); `incompatibility(params, stream, model)` refuses a stream or model in one line,
+`joint_training`, `stackable` and `member_state` (see cl/stacking.py), `resumable`;
+`incompatibility(params, stream, model)` refuses a stream or model in one line, and
+`training_incompatibility(params, stream, training, transforms)` the `[training]` or `[transforms]` settings,
 `model_statistics()` adds numbers about the model to the run record. Register the class with
 `@register_strategy("name")`.
 """
@@ -85,7 +87,7 @@ from cl.params import NoParams
 from cl.seeding import RUN_STREAMS, spawn_seeds
 from cl.training import (ComputeCount, ExperienceLog, TrainingParams, all_finite, make_optimizer,
                          parameter_groups)
-from cl.transforms import InputPipeline
+from cl.transforms import InputPipeline, TransformParams
 
 
 class Batch(NamedTuple):
@@ -139,6 +141,9 @@ class Strategy:
     #: Attributes holding what the strategy keeps between experiences: tensors, lists or dicts
     #: of tensors, numbers, or objects with state_dict()/load_state_dict() (buffers, modules).
     kept: tuple[str, ...] = ()
+    #: False when state_dict() cannot hold everything the strategy keeps (state inside another library's
+    #: objects): its runs then write no checkpoints, and `cl run --resume` starts them from the beginning.
+    resumable: bool = True
     supported_settings: tuple[str, ...] = SETTINGS
     #: Registered model names the strategy works with; None = any.
     supported_models: tuple[str, ...] | None = None
@@ -199,6 +204,13 @@ class Strategy:
         if cls.supported_models is not None and model.name not in cls.supported_models:
             return (f"strategy {name!r} works with models {', '.join(cls.supported_models)}, not {model.name!r}; "
                     f"change [model] name")
+        return None
+
+    @classmethod
+    def training_incompatibility(cls, params: Any, stream: StreamInfo, training: TrainingParams,
+                                 transforms: TransformParams) -> str | None:
+        """Why this strategy cannot train with the experiment's `[training]` and `[transforms]` (None when it
+        can), checked with `incompatibility`. Default: it can (the base class applies them all)."""
         return None
 
     @classmethod

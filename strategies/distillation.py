@@ -35,7 +35,7 @@ from cl.data import Experience, Samples, StreamInfo
 from cl.losses import cross_entropy
 from cl.params import param
 from cl.registry import register_strategy
-from cl.strategy import Batch, StepOutput, Strategy
+from cl.strategy import Batch, ModelSpec, StepOutput, Strategy
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -134,6 +134,19 @@ class ICaRL(Strategy):
         return params.buffer_size
     kept = ("buffer", "teacher", "seen_classes", "class_means")
     supported_settings = ("class-il", "task-il")  # classes that recur would only ever be distilled
+
+    @classmethod
+    def incompatibility(cls, params: ICaRLParams, stream: StreamInfo, model: ModelSpec) -> str | None:
+        problem = super().incompatibility(params, stream, model)
+        if problem is None and stream.classes_recur:
+            problem = ("strategy 'icarl' needs each class in one experience only, but classes recur in this "
+                       "stream (a blurry one?): a class seen before is only ever distilled, never learned again; "
+                       "choose another scenario or strategy")
+        if problem is None and params.buffer_size < stream.n_classes:
+            problem = (f"strategy 'icarl' keeps buffer_size // classes seen exemplars per class, so buffer_size "
+                       f"{params.buffer_size} leaves the last of the {stream.n_classes} classes none; give at least "
+                       f"buffer_size = {stream.n_classes}")
+        return problem
 
     def setup(self) -> None:
         self.buffer = Buffer(self.params.buffer_size, Herding(self.exemplar_features), self.device, self.generator)

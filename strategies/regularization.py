@@ -177,9 +177,9 @@ class SI(AnchoredStrategy):
         for name, p in self.trained_parameters().items():
             if p.grad is None:
                 continue
-            g = p.grad
+            g = p.grad.detach().clone()  # a copy: gradient clipping later scales .grad in place
             if self.anchored:
-                g = g - 2 * self.params.c * self.weight[name] * (p.detach() - self.anchor[name])
+                g -= 2 * self.params.c * self.weight[name] * (p.detach() - self.anchor[name])
             self._task_grad[name], self._before[name] = g, p.detach().clone()
 
     def after_step(self, batch: Batch, out: StepOutput) -> None:

@@ -10,7 +10,7 @@ import torch
 from cl.errors import UserError
 from cl.evaluation import Evaluator
 from cl.runner import build_scenario, build_strategy, input_pipeline, load_datasets
-from tests.helpers import CPU, digits_experiment, run
+from tests.helpers import CPU, digits_experiment, run, strategy_for
 
 avalanche = pytest.importorskip("avalanche", reason="avalanche-lib is not installed (the avalanche extra)")
 from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
@@ -46,20 +46,38 @@ def avalanche_accuracies(model: torch.nn.Module, benchmark) -> list[float]:
     return [by_exp[f"{j:03d}"] for j in range(len(benchmark.test_stream))]
 
 
-def test_to_avalanche_exports_the_same_samples_labels_and_tasks_in_order():
-    cfg, scenario, pipeline = setup({"name": "naive"}, "permuted")
+@pytest.mark.parametrize("scenario, task_labels", [("permuted", False), ("class_incremental", True)])
+def test_to_avalanche_exports_the_same_samples_labels_and_tasks_in_order(scenario, task_labels):
+    """Task labels are our task ids in task-IL and 0 in class- and domain-IL, as in Avalanche's own
+    benchmarks."""
+    cfg, scenario, pipeline = setup({"name": "naive"}, scenario, task_labels=task_labels)
     benchmark = to_avalanche(scenario, pipeline)
     for ours, theirs in ((scenario.train, benchmark.train_stream), (scenario.test, benchmark.test_stream)):
         assert len(theirs) == len(ours)
         for exp, av_exp in zip(ours, theirs):
             x = pipeline(exp.inputs(), False, None)  # the permutation and normalisation applied
-            assert av_exp.current_experience == exp.id and av_exp.task_label == exp.task_id
+            label = exp.task_id if task_labels else 0
+            assert av_exp.current_experience == exp.id and av_exp.task_label == label
             assert len(av_exp.dataset) == len(exp)
             for j in (0, 1, len(exp) // 2, len(exp) - 1):
                 xj, yj, tj = av_exp.dataset[j]
-                assert torch.equal(xj, x[j]) and int(yj) == int(exp.y[j]) and int(tj) == exp.task_id
+                assert torch.equal(xj, x[j]) and int(yj) == int(exp.y[j]) and int(tj) == label
+    assert {e.task_label for e in benchmark.train_stream} == ({0, 1, 2} if task_labels else {0})
     first = benchmark.train_stream[0].dataset[0][0]
-    assert not torch.equal(first, benchmark.train_stream[1].dataset[0][0])  # permutations differ
+    assert not torch.equal(first, benchmark.train_stream[1].dataset[0][0])  # permutations (classes) differ
+
+
+def test_avalanche_lwf_distils_every_class_seen_in_class_il():
+    """With one task label per experience, Avalanche's LwF distilled a single head over the first
+    experience's classes only."""
+    cfg = digits_experiment([{"name": "avalanche", "class": "LwF", "params": {"alpha": 1.0, "temperature": 2.0}}],
+                            hidden=[16], n_experiences=3)
+    strategy, scenario = strategy_for(cfg)
+    for exp in scenario.train[:2]:
+        strategy.fit(exp)
+    (plugin,) = [p for p in strategy.avalanche.plugins if type(p).__name__ == "LwFPlugin"]
+    seen = {int(c) for exp in scenario.train[:2] for c in exp.classes}
+    assert {task: set(classes) for task, classes in plugin.lwf.prev_classes_by_task.items()} == {0: seen}
 
 
 def test_adapter_runs_avalanche_strategies_in_our_runner():
@@ -107,8 +125,13 @@ def test_avalanche_evaluation_equals_our_matrix(scenario):
 
 def test_bad_avalanche_classes_and_parameters_are_one_line_errors(monkeypatch):
     for strategy, message in (({"name": "avalanche", "class": "Nope"}, "class 'Nope' is not a strategy"),
+                              ({"name": "avalanche", "class": "ReservoirSamplingBuffer"}, "is not a strategy"),
                               ({"name": "avalanche", "class": "Replay", "params": {"memsize": 5}},
-                               "refused its parameters")):
+                               "Replay takes no parameter 'memsize'; it takes eval_every, mem_size,"),
+                              ({"name": "avalanche", "class": "Replay", "params": {"train_mb_size": 5}},
+                               "params.train_mb_size is set by cl from training.batch_size"),
+                              ({"name": "avalanche", "class": "LwF", "params": {"alpha": 1.0}},
+                               "LwF needs temperature; give them in params")):
         cfg = digits_experiment([strategy], hidden=[32], n_experiences=3)
         with pytest.raises(UserError, match=message):
             run(cfg)
@@ -122,3 +145,48 @@ def test_bad_avalanche_classes_and_parameters_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_avalanche)
     with pytest.raises(UserError, match=r"pip install -e \"\.\[avalanche\]\""):
         run(digits_experiment([{"name": "avalanche", "class": "Naive"}], hidden=[32], n_experiences=3))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grad_clip_norm": 1.0}, "has no gradient clipping (training.grad_clip_norm)"),
+    ({"task_labels": True}, "has no task-IL mask (training.task_il_mask: set it to false)"),
+])
+def test_settings_avalanches_loop_would_ignore_are_refused_before_anything_trains(change, message, cli, tiny_raw,
+                                                                                    write_experiment, store_url):
+    raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "avalanche", "class": "Naive"}])
+    if "task_labels" in change:
+        raw["scenario"]["task_labels"] = True
+    else:
+        raw["training"].update(change)
+    result = cli("run", write_experiment(raw), "--store", store_url, "--no-progress")
+    assert result.rc == 2 and message in result.err and "run 1" not in result.out
+    if "task_labels" in change:  # without the mask, task-IL is fine
+        raw["training"]["task_il_mask"] = False
+        assert cli("run", write_experiment(raw), "--store", store_url, "--no-progress").rc == 0
+
+
+def test_an_unknown_avalanche_class_is_refused_before_other_strategies_train(cli, tiny_raw, write_experiment,
+                                                                             store_url):
+    raw = tiny_raw(strategies=[{"name": "naive"}, {"name": "avalanche", "class": "Replayy"}])
+    result = cli("run", write_experiment(raw), "--store", store_url, "--no-progress")
+    assert result.rc == 2 and "class 'Replayy' is not a strategy" in result.err and "run 1" not in result.out
+
+
+def test_avalanche_runs_write_no_checkpoints_and_start_over_on_resume(cli, tiny_raw, write_experiment, store_url,
+                                                                      tmp_path, monkeypatch):
+    """Avalanche's buffers and teachers live in its own objects, which a checkpoint cannot hold: an interrupted
+    run would resume without them (its Replay's parameters differed by 0.29 from the run uninterrupted)."""
+    import cl.runner
+
+    seen = []
+    real = cl.runner.run_one
+
+    def spy(*args, **kwargs):
+        seen.append(args[7] if len(args) > 7 else kwargs.get("checkpoints"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cl.runner, "run_one", spy)
+    raw = tiny_raw(strategies=[{"name": "avalanche", "class": "Replay", "params": {"mem_size": 20}}])
+    result = cli("run", write_experiment(raw), "--store", store_url, "--no-progress", "--resume")
+    assert result.rc == 0 and seen == [None]
+    assert "its strategy's state cannot be checkpointed, so its unfinished runs start from the beginning" in result.out

@@ -1,6 +1,7 @@
 """LwF, iCaRL, DER and DER++: their loss terms on hand-made tensors, and the strategies."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -204,6 +205,23 @@ def test_icarl_refuses_domain_incremental_streams():
     from cl.errors import UserError
     from cl.runner import check_compatibility, input_pipeline
     with pytest.raises(UserError, match="supports class-il, task-il"):
+        check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"name": "blurry", "overlap": 0.1}, "needs each class in one experience only, but classes recur"),
+    ({"buffer_size": 9}, "buffer_size 9 leaves the last of the 10 classes none; give at least buffer_size = 10"),
+])
+def test_icarl_refuses_recurring_classes_and_a_buffer_smaller_than_the_classes(options, message):
+    """A blurry stream is class-IL, but its classes recur: iCaRL treated them all as old after the first
+    experience (rows [0.87, 0.74, 0.5] three times); with fewer slots than classes it kept no exemplars."""
+    from cl.errors import UserError
+    from cl.runner import check_compatibility, input_pipeline
+    buffer = {"buffer_size": options.pop("buffer_size")} if "buffer_size" in options else {}
+    cfg = digits_experiment([{"name": "icarl", **buffer}], n_experiences=3, **options)
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+    assert scenario.stream_info((64,)).classes_recur == ("overlap" in options)
+    with pytest.raises(UserError, match=re.escape(message)):
         check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, torch.device("cpu")))
 
 

@@ -123,6 +123,20 @@ def test_si_importance_after_two_hand_made_steps():
         assert torch.all(strategy.path[name] == 0)
 
 
+def test_si_path_integral_keeps_the_gradient_before_clipping_in_every_experience():
+    """Clipping (training.grad_clip_norm) scales .grad in place after adjust_gradients; the first experience's
+    path integral used to hold .grad itself, so its gradient was clipped while later experiences' were not."""
+    cfg = digits_experiment([{"name": "si"}], n_experiences=2, grad_clip_norm=0.01)
+    strategy, scenario = strategy_for(cfg)
+    strategy.experience = scenario.train[0]
+    for p in strategy.trained_parameters().values():
+        p.grad = torch.full_like(p, 1.0)
+    strategy.adjust_gradients(None, None)
+    for p in strategy.trained_parameters().values():
+        p.grad.mul_(0.001)  # what clipping does
+    assert all(torch.all(g == 1.0) for g in strategy._task_grad.values())
+
+
 def test_si_path_integral_uses_the_task_gradient_without_the_penalty():
     cfg = digits_experiment([{"name": "si", "c": 2.0}], n_experiences=2)
     strategy, scenario = strategy_for(cfg)

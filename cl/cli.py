@@ -193,14 +193,40 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def select_in_files(configs: list, names: list[str]) -> list:
+    """The experiments of several files cut to the strategies `--strategy` names (cl.config.select_strategies);
+    files with none of them are left out, saying so, and a name no file has is refused."""
+    import dataclasses
+
+    from cl.config import select_strategies
+
+    missing = [n for n in names if not any(select_strategies(c.strategies, [n]) for c in configs)]
+    if missing:
+        raise UserError(f"--strategy {missing[0]!r} is in none of the {len(configs)} files (as a label or a "
+                        f"registered strategy name); check the files' [[strategies]]")
+    kept = []
+    for config in configs:
+        chosen = select_strategies(config.strategies, names)
+        if chosen:
+            kept.append(dataclasses.replace(config, strategies=chosen))
+        else:
+            print(f"{config.source}: has none of --strategy {' '.join(names)}; left out", flush=True)
+    return kept
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cl.config import load_experiment
     from cl.report import format_comparison
     from cl.runner import check_experiment, describe_run, resolve_device, run_experiment
     from cl.store import ResultStore
 
-    configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
-                               only_strategies=args.strategies) for f in args.files]
+    if len(args.files) == 1:
+        configs = [load_experiment(args.files[0], args.overrides, seeds=args.seeds, data_dir=args.data_dir,
+                                   only_strategies=args.strategies)]
+    else:  # --strategy picks from every file that has it; a file with none of them is left out
+        configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir) for f in args.files]
+        if args.strategies:
+            configs = select_in_files(configs, args.strategies)
     names = [c.name for c in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -243,12 +243,22 @@ def build_experiment(raw: dict[str, Any], source: str = "<dict>", seeds: list[in
     if dupes:
         raise UserError(f"{where}: strategy {dupes[0]!r} appears twice; give each a distinct label = \"...\"")
     if only_strategies:
-        unknown_sel = [s for s in only_strategies if s not in labels]
-        if unknown_sel:
-            raise UserError(f"--strategy {unknown_sel[0]!r} is not in this experiment (has: {', '.join(labels)})")
-        strategies = [s for s in strategies if s.label in only_strategies]
+        missing = [n for n in only_strategies if not select_strategies(strategies, [n])]
+        if missing:
+            raise UserError(f"{where}: --strategy {missing[0]!r} is not in this experiment (has: {', '.join(labels)})")
+        strategies = select_strategies(strategies, only_strategies)
     return ExperimentConfig(name, description, list(seed_list), datasets, scenario, model, training, transforms,
                             strategies, source, divergence, validation)
+
+
+def select_strategies(strategies: list[Component], names: list[str]) -> list[Component]:
+    """The strategies `--strategy NAME ...` selects, in file order: for each NAME the one labelled NAME, or,
+    when no label is NAME, every strategy registered as NAME (the rule of `--set strategies.NAME.key`)."""
+    chosen = set()
+    for name in names:
+        by_label = [i for i, s in enumerate(strategies) if s.label == name]
+        chosen.update(by_label or [i for i, s in enumerate(strategies) if s.name == name])
+    return [s for i, s in enumerate(strategies) if i in chosen]
 
 
 def _takes_data_dir(table: dict[str, Any]) -> bool:

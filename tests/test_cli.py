@@ -631,6 +631,20 @@ def test_run_takes_several_files_and_validates_them_all_first(cli, tiny_raw, wri
     assert "\nfirst:" in result.out and "\nsecond:" in result.out
 
 
+def test_strategy_picks_from_every_file_that_has_it(cli, tiny_raw, write_experiment, store_url, stored):
+    """`cl run a.toml b.toml --strategy joint` runs joint where it is and leaves the other files out; a name in
+    no file is refused before anything trains."""
+    both = write_experiment(tiny_raw(name="both", strategies=[{"name": "naive"}, {"name": "joint"}]), name="a.toml")
+    one = write_experiment(tiny_raw(name="one", strategies=[{"name": "naive"}]), name="b.toml")
+    result = cli("run", both, one, "--strategy", "joint", "--store", store_url, "--no-progress", "--device", "cpu")
+    assert result.rc == 0, result.err
+    assert f"{one}: has none of --strategy joint; left out" in result.out
+    assert [(r["experiment"], r["strategy"]) for r in stored()] == [("both", "joint")]
+    result = cli("run", both, one, "--strategy", "icarl", "--store", store_url, "--no-progress", "--device", "cpu")
+    assert result.rc == 2 and "--strategy 'icarl' is in none of the 2 files" in result.err
+    assert len(stored()) == 1
+
+
 def test_run_options_of_the_fast_engine(run_tiny, tiny_raw, one_line_error, stored):
     """--cuda-graphs without CUDA is refused in one line; --no-stack and --threads run as asked."""
     result = run_tiny(None, "--cuda-graphs")

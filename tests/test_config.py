@@ -402,10 +402,13 @@ def test_only_strategies(tiny_raw):
     assert "--strategy 'ewc' is not in this experiment (has: naive, er, joint)" in msg
 
 
-def test_only_strategies_uses_labels(tiny_raw):
-    raw = tiny_raw(strategies=[{"name": "er", "label": "er_small", "buffer_size": 10}, {"name": "naive"}])
+def test_only_strategies_uses_labels_then_registered_names(tiny_raw):
+    raw = tiny_raw(strategies=[{"name": "er", "label": "er_small", "buffer_size": 10}, {"name": "naive"},
+                               {"name": "er", "label": "er_big", "buffer_size": 100}])
     assert [s.label for s in build_experiment(raw, only_strategies=["er_small"]).strategies] == ["er_small"]
-    assert "--strategy 'er'" in error_of(raw, only_strategies=["er"])
+    # no label 'er': every strategy registered as er, as --set strategies.er.key does
+    assert [s.label for s in build_experiment(raw, only_strategies=["er"]).strategies] == ["er_small", "er_big"]
+    assert "exp.toml: --strategy 'der'" in error_of(raw, only_strategies=["der"])
 
 
 def test_cli_seeds_override_file_seeds(tiny_raw):

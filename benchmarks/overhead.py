@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--stack", type=int, nargs="*", default=[3, 9], metavar="K",
                         help="stacked group sizes to time (default 3 9; none to skip)")
     args = parser.parse_args()
+    if any(k < 2 for k in args.stack):
+        parser.error(f"--stack sizes are groups of 2 or more runs, got {args.stack}; give --stack alone to skip them")
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
     warm_up(device)

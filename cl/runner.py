@@ -243,7 +243,9 @@ class Run:
             self.done, self.earlier_seconds, self.eval_seconds = (saved["experiences_done"], saved["seconds"],
                                                                   saved["eval_seconds"])
         self.current = self.done
-        self.first_evaluation = self.done == 0
+        # Rule 3 of cl/divergence.py applies at the first evaluation after training; a joint run checkpoints
+        # experiences it has not evaluated, so a resumed one may still be before it.
+        self.first_evaluation = not np.isfinite(self.evaluator.matrix[1:]).any()
 
     @property
     def name(self) -> str:

@@ -176,9 +176,15 @@ class CifarUnpickler(pickle.Unpickler):
     so a file in --data-dir cannot run code."""
 
     NUMPY = {"_reconstruct", "scalar", "ndarray", "dtype"}
+    # What other pickle protocols build the same arrays and bytes with: protocol 2 writes bytes through
+    # _codecs.encode, protocol 5 arrays through numpy's _frombuffer. Neither runs anything else.
+    OTHER_PROTOCOLS = {("_codecs", "encode"), ("numpy.core.numeric", "_frombuffer"),
+                       ("numpy._core.numeric", "_frombuffer")}
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy") and name in self.NUMPY:
+            return super().find_class(module, name)
+        if (module, name) in self.OTHER_PROTOCOLS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays, "
                                      f"lists, bytes and numbers")

@@ -93,6 +93,7 @@ class GEM(EpisodicMemory):
 
     def begin_experience(self, exp: Experience) -> None:
         super().begin_experience(exp)
+        self._batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self._past: tuple[torch.Tensor, ...] | None = None  # earlier tasks' memories, grouped by task
         self._past_inputs: torch.Tensor | None = None  # the same, prepared once when nothing is augmented
 
@@ -129,8 +130,15 @@ class GEM(EpisodicMemory):
 
         params = {name: p.detach() for name, p in self.constrained.items()}
         with batch_statistics_only(self.model):
-            G = grouped_gradients(task_loss, params, x, y, t, w)
-        self.compute.add(x.shape[0] * x.shape[1], backward=True)
+            if self._batch_norm and not bool(w.all()):
+                # Batch norm would count a task's empty slots in its batch statistics (the weight removes
+                # them from the loss only): each task not filled gets its gradient from its samples alone.
+                filled = w.sum(dim=1).long().tolist()
+                G = torch.cat([grouped_gradients(task_loss, params, x[k:k + 1, :n], y[k:k + 1, :n],
+                                                 t[k:k + 1, :n], w[k:k + 1, :n]) for k, n in enumerate(filled)])
+            else:
+                G = grouped_gradients(task_loss, params, x, y, t, w)
+        self.compute.add(int(w.sum()) if self._batch_norm else x.shape[0] * x.shape[1], backward=True)
         return G
 
     def adjust_gradients(self, batch: Batch, out: StepOutput) -> None:

@@ -45,13 +45,24 @@ def make_idx_folder(folder: Path, gz: bool, n_train: int = 7, n_test: int = 5,
     return arrays
 
 
-def write_cifar_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_key: bytes) -> None:
+def write_cifar_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_key: bytes,
+                      protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
     batch = {b"batch_label": b"test", b"data": data, label_key: labels.tolist(),
              b"filenames": [b"f"] * len(labels)}
     if label_key == b"fine_labels":
         batch[b"coarse_labels"] = (labels // 5).tolist()
     with path.open("wb") as f:
-        pickle.dump(batch, f)
+        pickle.dump(batch, f, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_batches_resaved_with_any_pickle_protocol_are_read(tmp_path: Path, protocol: int) -> None:
+    """A user's subset of CIFAR re-saved by Python 3 (protocol 2 writes bytes through _codecs.encode, 5 arrays
+    through numpy's _frombuffer) was refused as corrupt."""
+    x, y = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8), np.arange(4)
+    write_cifar_batch(tmp_path / "batch", x, y, b"labels", protocol)
+    data, labels = ds.read_cifar_batch(tmp_path / "batch", b"labels")
+    assert np.array_equal(data.reshape(4, 3072), x) and labels.tolist() == [0, 1, 2, 3]
 
 
 def check_images(data, n_train: int, n_test: int, shape: tuple[int, ...], dtype=torch.uint8) -> None:

@@ -291,6 +291,35 @@ def test_an_interrupted_invocation_resumes_to_the_same_results_bit_for_bit(cli, 
     assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == ["parts", "whole"]  # no empty run folders
 
 
+def test_a_resumed_joint_run_still_gets_the_check_of_its_only_evaluation(cli, tiny_raw, write_experiment, tmp_path,
+                                                                        monkeypatch):
+    """Joint training checkpoints experiences it does not evaluate; resumed from one, its first (and only)
+    evaluation after training was taken for a later one, and a run that learned nothing was stored as
+    completed, where the run uninterrupted is diverged (rule 3)."""
+    from cl.resume import RunCheckpoint
+    path = write_experiment(tiny_raw(strategies=[{"name": "joint"}], training={"epochs": 1, "lr": 1e-7},
+                                     scenario={"name": "class_incremental", "n_experiences": 3}))
+    whole = f"sqlite:///{tmp_path}/whole.db"
+    assert cli("run", path, "--store", whole, "--no-progress").rc == 1
+    save = RunCheckpoint.save
+
+    def interrupt_after_the_second(self, experiences_done, *args):
+        save(self, experiences_done, *args)
+        if experiences_done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "save", interrupt_after_the_second)
+    parts = f"sqlite:///{tmp_path}/parts.db"
+    assert cli("run", path, "--store", parts, "--no-progress").rc == 130
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    continued = restores(monkeypatch)
+    assert cli("run", path, "--store", parts, "--no-progress", "--resume").rc == 1
+    assert continued == [2]
+    (a,), (b,) = ResultStore(whole).records(), ResultStore(parts).records()
+    assert a.status == b.status == "diverged" and a.failure["reason"] == b.failure["reason"]
+    assert "no better than always answering its most common class" in b.failure["reason"]
+
+
 def test_a_killed_run_resumes_exactly(cl_subprocess, tiny_raw, write_experiment, tmp_path):
     """SIGKILL after the second experience's checkpoint, in a real process."""
     import signal

@@ -220,13 +220,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cl.runner import check_experiment, describe_run, resolve_device, run_experiment
     from cl.store import ResultStore
 
-    if len(args.files) == 1:
-        configs = [load_experiment(args.files[0], args.overrides, seeds=args.seeds, data_dir=args.data_dir,
-                                   only_strategies=args.strategies)]
-    else:  # --strategy picks from every file that has it; a file with none of them is left out
-        configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir) for f in args.files]
-        if args.strategies:
-            configs = select_in_files(configs, args.strategies)
+    several = len(args.files) > 1  # then --strategy picks from every file that has it (select_in_files)
+    configs = [load_experiment(f, args.overrides, seeds=args.seeds, data_dir=args.data_dir,
+                               only_strategies=None if several else args.strategies) for f in args.files]
+    if several and args.strategies:
+        configs = select_in_files(configs, args.strategies)
     names = [c.name for c in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -254,10 +254,6 @@ def params_to_dict(instance: Any) -> dict[str, Any]:
     return {file_key(f): values[f.name] for f in dataclasses.fields(instance)}
 
 
-__all__ = ["param", "required", "NoParams", "build_params", "check_params", "describe_params", "file_key",
-           "params_to_dict", "range_text", "type_name", "valid_keys_text"]
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A nested dict as one dict of dotted keys: {"training": {"lr": 0.1}} -> {"training.lr": 0.1}."""
     if isinstance(tree, dict):
@@ -273,3 +269,7 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "(none)") != b.get(k, "(none)")]
+
+
+__all__ = ["param", "required", "NoParams", "build_params", "changes", "check_params", "describe_params", "file_key",
+           "flatten", "params_to_dict", "range_text", "type_name", "valid_keys_text"]

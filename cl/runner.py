@@ -74,8 +74,8 @@ def build_scenario(config: ExperimentConfig, datasets: list[LabelledData], seed:
     scenario = generator(datasets, config.scenario.params, seed)
     if config.evaluated_on == "validation":
         scenario = validation_scenario(scenario, config.validation.fraction, seed)
-    for part, experiences in (("training", scenario.train), ("validation" if config.evaluated_on == "validation"
-                                                             else "test", scenario.test)):
+    evaluated_on = "validation" if config.evaluated_on == "validation" else "test"
+    for part, experiences in (("training", scenario.train), (evaluated_on, scenario.test)):
         for k, exp in enumerate(experiences):
             if len(exp.y) == 0:
                 raise UserError(f"{config.source}: experience {k + 1} of {len(experiences)} (seed {seed}) has no "
@@ -115,16 +115,17 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     model = model_spec(config, stream)
     available = available_bytes(pipeline.device)
     n_parameters = parameter_count(model) if available is not None else 0
-    backbone_names = None  # the backbone's parameter names, for the freeze and lr_scale prefixes
+    prefix_problem = None  # a freeze or lr_scale prefix that matches none of the backbone's parameters
     if config.training.freeze or config.training.lr_scale:
-        backbone_names = [name for name, _ in meta_model(model).named_parameters()]
+        try:
+            check_prefixes([name for name, _ in meta_model(model).named_parameters()], config.training)
+        except ValueError as exc:
+            prefix_problem = f"{config.source}: {exc}"
     for component in config.strategies if components is None else components:
         strategy = STRATEGIES.get(component.name).obj
-        if backbone_names is not None and strategy.trainable_modules is Strategy.trainable_modules:
-            try:  # a strategy that trains more than the backbone checks them when it is built
-                check_prefixes(backbone_names, config.training)
-            except ValueError as exc:
-                raise UserError(f"{config.source}: {exc}") from None
+        # A strategy that trains more than the backbone checks the prefixes when it is built.
+        if prefix_problem is not None and strategy.trainable_modules is Strategy.trainable_modules:
+            raise UserError(prefix_problem)
         problem = None
         try:
             need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
@@ -483,33 +484,34 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
         if not strategy_class.resumable and resume and pending:
             log(f"{component.label}: its strategy's state cannot be checkpointed, so its unfinished runs start "
                 f"from the beginning")
-        folders = {seed: run_folder(store.checkpoint_root, identities[seed]) if strategy_class.resumable else None
-                   for seed in pending}
-        starting = [seed for seed in pending if resume and folders[seed] is not None and not folders[seed].exists()]
+        # Checkpoint folders of the pending runs; none for a strategy whose state a checkpoint cannot hold.
+        folders = ({seed: run_folder(store.checkpoint_root, identities[seed]) for seed in pending}
+                   if strategy_class.resumable else {})
+        resumed = {seed for seed, folder in folders.items() if resume and folder.exists()}
+        starting = [seed for seed in folders if resume and seed not in resumed]
         for seed in starting:  # a changed --set may be a slip: say which checkpoints were left alone
             for diff in other_configurations(folders[seed], identities[seed]):
                 log(f"{component.label} seed {seed}: starts from the beginning; a checkpoint of another "
                     f"configuration ({diff}) is left for its own --resume")
-        graphed = graphs and graph_problem(STRATEGIES.get(component.name).obj, device) is None
+        graph_reason = graph_problem(strategy_class, device) if graphs else None
+        graphed = graphs and graph_reason is None
         if graphs and not graphed:
-            log(f"cuda graphs: {component.label} runs eagerly: "
-                f"{graph_problem(STRATEGIES.get(component.name).obj, device)}")
+            log(f"cuda graphs: {component.label} runs eagerly: {graph_reason}")
         unstackable = stacking_problem(strategy_class, backbone)
         if stack and len(pending) > 1 and strategy_class.stackable and unstackable is not None:
             log(f"{component.label}: its runs train one by one, not stacked: {unstackable}")
-        resumed = {seed for seed in pending if resume and folders[seed] is not None and folders[seed].exists()}
         for group in stack_groups(component, pending, scenarios, stack, resumed, backbone):
             if len(group) == 1 and not (graphed and group[0] not in resumed):
                 seed = group[0]
                 finished = [run_one(config, component, scenarios[seed], seed, device, progress, pipelines[seed],
-                                    folders[seed], resume)]
+                                    folders.get(seed), resume)]
             else:
                 finished = run_stacked(config, component, [scenarios[s] for s in group], group, device, progress,
-                                       [pipelines[s] for s in group], [folders[s] for s in group], graphed, log)
+                                       [pipelines[s] for s in group], [folders.get(s) for s in group], graphed, log)
             for seed, record in zip(group, finished):
                 stored = store.write_or_keep(record)
                 record.id = stored if isinstance(stored, int) else None
-                if folders[seed] is not None:  # finished: in the store, or kept in a file
+                if seed in folders:  # finished: in the store, or kept in a file
                     remove_run_folder(folders[seed])
                 records.append(record)
                 log(describe_run(record) if record.id is not None else

@@ -169,15 +169,15 @@ class AvalancheStrategy(Strategy):
             return "strategy 'avalanche' trains single-head models (Avalanche's multi-head models are its own)"
         problem = super().incompatibility(params, stream, model)
         if problem is None:
-            avalanche_class(params.class_name)  # a UserError naming the class
+            accepted = accepted_parameters(params.class_name)  # a UserError naming an unknown class
             ours = sorted(set(params.params) & set(SET_BY_CL))
-            unknown = sorted(set(params.params) - set(SET_BY_CL) - set(accepted_parameters(params.class_name)))
+            unknown = sorted(set(params.params) - set(SET_BY_CL) - set(accepted))
             missing = [name for name in required_parameters(params.class_name) if name not in params.params]
             if ours:
                 problem = f"strategy 'avalanche': params.{ours[0]} is set by cl from {SET_BY_CL[ours[0]]}; leave it out"
             elif unknown:
                 problem = (f"strategy 'avalanche': {params.class_name} takes no parameter {unknown[0]!r}; it takes "
-                           f"{', '.join(accepted_parameters(params.class_name))}")
+                           f"{', '.join(accepted)}")
             elif missing:
                 problem = (f"strategy 'avalanche': {params.class_name} needs {', '.join(missing)}; give them in "
                            f"params, e.g. params = {{{missing[0]} = ...}}")

@@ -186,14 +186,14 @@ def protocols(records: list[RunRecord]) -> list[Protocol]:
     for experiment in sorted({e for e, _ in groups}):
         keys = sorted((k for e, k in groups if e == experiment),
                       key=lambda k: max(r.created_at for r in groups[(experiment, k)]), reverse=True)
+        newest = run_setup(groups[(experiment, keys[0])][0])
         for i, key in enumerate(keys):
             runs = groups[(experiment, key)]
             title = experiment if len(keys) == 1 else f"{experiment} (setup {key[:8]}{', newest' if i == 0 else ''})"
             labels = [row["strategy"] for row in label_variants([r.headline() for r in runs])]
             labelled = list(zip(labels, runs))
             completed = [(label, r) for label, r in labelled if r.status == "completed"]
-            newest = groups[(experiment, keys[0])][0]
-            differences = changes(run_setup(newest), run_setup(runs[0])) if i > 0 else []
+            differences = changes(newest, run_setup(runs[0])) if i > 0 else []
             protocol = Protocol(title, slug(title), experiment, runs[0].setting,
                                 runs[0].config.get("description") or "", setup_line(runs[0]), differences,
                                 _rows(completed, experiment), [(l, r) for l, r in labelled if r.status != "completed"],

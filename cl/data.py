@@ -141,6 +141,7 @@ class StreamInfo:
     task_labels_at_test: bool
     input_shape: tuple[int, ...]  # what the model receives, after the input pipeline
     classes_recur: bool  # some class is in the training data of more than one experience (blurry, domain-IL)
+    fewest_classes: int  # the fewest classes in one experience's training data
 
 
 @dataclasses.dataclass
@@ -196,7 +197,8 @@ class Scenario:
         for exp in self.train:
             experiences_of_class[exp.classes.cpu()] += 1
         return StreamInfo(self.n_experiences, self.n_classes, self.n_tasks, self.setting,
-                          self.task_labels_at_test, tuple(input_shape), bool((experiences_of_class > 1).any()))
+                          self.task_labels_at_test, tuple(input_shape), bool((experiences_of_class > 1).any()),
+                          min(len(exp.classes) for exp in self.train))
 
     def __getitem__(self, index: int | slice) -> "Scenario | tuple[Experience, Experience]":
         """`s[i]` is the pair (train[i], test[i]); `s[a:b]` is a shorter Scenario."""

@@ -9,7 +9,7 @@ Three rules, all documented in the README ("Failures, resuming and reproducibili
 3. **Nothing learned**: right after training its first experience (joint training: its only one),
    the run's accuracy on that experience's test data among its own classes (in class-IL, the task-IL
    view) is no better than always answering its most common class (its largest class share +
-   `learned_margin`). Only the first: there no strategy has a reason not to learn, while a
+   `learned_margin`); not applied when that experience's test data has a single class. Only the first: there no strategy has a reason not to learn, while a
    strategy that later stops learning new experiences (intransigence, e.g. EWC with a huge lambda)
    shows a result, not a failure.
 
@@ -91,8 +91,8 @@ class LossMonitor:
 
 def learned_nothing(accuracy: float, majority_share: float, margin: float) -> str | None:
     """Rule 3: the reason a just-trained experience counts as not learned, or None."""
-    if margin < 0 or accuracy > majority_share + margin:
-        return None
+    if margin < 0 or majority_share >= 1 or accuracy > majority_share + margin:
+        return None  # (an experience of one class has nothing to tell apart: the rule cannot apply)
     return (f"after training, accuracy on the experience is {accuracy:.3f}, no better than always answering its "
             f"most common class ({majority_share:.3f}); change training.lr (too high collapses to one "
             f"class, too low learns nothing) or check the data")

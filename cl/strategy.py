@@ -206,6 +206,16 @@ class Strategy:
                     f"change [model] name")
         return None
 
+    @staticmethod
+    def one_class_problem(name: str, stream: StreamInfo) -> str | None:
+        """For strategies whose loss sees only the current experience's classes: with one class that
+        loss is 0 whatever the model does, so the experience would train nothing."""
+        if stream.fewest_classes >= 2:
+            return None
+        return (f"strategy {name!r} restricts each experience's loss to the experience's own classes, and an "
+                f"experience of this stream has only one class, so it would learn nothing; use at least 2 "
+                f"classes per experience (scenario n_experiences)")
+
     @classmethod
     def training_incompatibility(cls, params: Any, stream: StreamInfo, training: TrainingParams,
                                  transforms: TransformParams) -> str | None:

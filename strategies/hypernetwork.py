@@ -129,7 +129,7 @@ class HNET(Strategy):
 
     @classmethod
     def incompatibility(cls, params: HNETParams, stream: StreamInfo, model: ModelSpec) -> str | None:
-        problem = super().incompatibility(params, stream, model)
+        problem = super().incompatibility(params, stream, model) or cls.one_class_problem("hnet", stream)
         if problem is None:
             buffers = [name for name, _ in model.build().named_buffers()]
             if buffers:

@@ -62,6 +62,10 @@ class PromptStrategy(Strategy):
 
     supported_models = ("vit",)
 
+    @classmethod
+    def incompatibility(cls, params, stream: StreamInfo, model: ModelSpec) -> str | None:
+        return super().incompatibility(params, stream, model) or cls.one_class_problem(cls.registered_name, stream)
+
     def setup(self) -> None:
         for p in self.model.features.parameters():
             p.requires_grad_(False)
@@ -91,6 +95,12 @@ class PromptStrategy(Strategy):
         """Patch tokens with the class token and position embeddings, before the blocks."""
         vit = self.model.features
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+    def classify(self, features: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """The head on prompted features: the end of the prompted pass (counted with `compute.add`), not a
+        pass of its own."""
+        with self.compute.uncounted():
+            return self.model.head(features, task_ids)
 
     def restrict_to_experience(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of classes outside the current experience set to the dtype's minimum (the papers' masking)."""
@@ -170,14 +180,14 @@ class L2P(PromptStrategy):
     def loss(self, batch: Batch) -> StepOutput:
         features, index, similarity = self.prompted_features(batch.x, self.frequency)
         self.selections += torch.bincount(index.flatten(), minlength=self.params.pool_size)
-        logits = self.restrict_to_experience(self.model.head(features, batch.t))
+        logits = self.restrict_to_experience(self.classify(features, batch.t))
         ce = F.cross_entropy(logits, batch.y)
-        pull = similarity.mean()
+        pull = similarity.sum(1).mean()  # Eq. 5: summed over the selected keys, averaged over the batch
         return StepOutput(ce - self.params.key_lambda * pull, logits=logits, terms={"ce": ce, "key_similarity": pull})
 
     def predict(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         features, _, _ = self.prompted_features(x)
-        return self.model.head(features, task_ids)
+        return self.classify(features, task_ids)
 
     def model_statistics(self) -> dict[str, float]:
         return {"prompts_used": float((self.selections > 0).sum())}  # selected at least once in training
@@ -245,7 +255,7 @@ class DualPrompt(PromptStrategy):
     def loss(self, batch: Batch) -> StepOutput:
         expert = torch.full_like(batch.y, self.experience.id)  # in training the experience's own E-prompt
         pull = cosine(self.query(batch.x), self.pool.keys[self.experience.id: self.experience.id + 1]).mean()
-        logits = self.restrict_to_experience(self.model.head(self.features(batch.x, expert), batch.t))
+        logits = self.restrict_to_experience(self.classify(self.features(batch.x, expert), batch.t))
         ce = F.cross_entropy(logits, batch.y)
         return StepOutput(ce - self.params.key_lambda * pull, logits=logits, terms={"ce": ce, "key_similarity": pull})
 
@@ -253,4 +263,4 @@ class DualPrompt(PromptStrategy):
         # The keys of the experiences trained so far (before any training: the first, as it was drawn).
         learned = self.pool.keys[: 1 if self.experience is None else self.experience.id + 1]
         expert = cosine(self.query(x), learned).argmax(dim=1)
-        return self.model.head(self.features(x, expert), task_ids)
+        return self.classify(self.features(x, expert), task_ids)

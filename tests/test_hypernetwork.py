@@ -165,6 +165,15 @@ def test_models_with_batch_norm_running_statistics_are_refused_before_training()
         check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, CPU))
 
 
+def test_a_stream_with_a_one_class_experience_is_refused_before_training():
+    """Its loss is restricted to the experience's classes: with one class it is 0 and nothing trains."""
+    cfg = digits_experiment([{"name": "naive"}, {"name": "hnet"}], n_experiences=10)
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+    with pytest.raises(UserError, match=r"'hnet' restricts each experience's loss .* only one class"):
+        check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, CPU))
+    check_compatibility(cfg, scenario, input_pipeline(cfg, scenario, CPU), components=cfg.strategies[:1])
+
+
 def test_hnet_continues_exactly_from_a_checkpoint():
     """Hypernetwork, chunk and task embeddings, stored targets and class masks all live in the state dict
     (with the look-ahead on, whose trial step must leave no trace)."""

@@ -54,6 +54,50 @@ def test_the_surrogate_key_loss_pulls_selected_keys_towards_their_queries():
     assert (after > similarity.detach()).all()
 
 
+def test_the_key_loss_sums_over_the_selected_keys_and_averages_over_the_batch(pretrained):
+    """The paper's Eq. 5 and the authors' code: with top_k keys per sample, a mean over the N x top_k
+    similarities would weigh the term top_k times less."""
+    from cl.strategy import Batch
+    strategy, scenario = strategy_for(l2p_experiment(pretrained, [{"name": "l2p", "pool_size": 6, "top_k": 3,
+                                                                   "prompt_length": 3, "key_lambda": 0.5}]))
+    strategy.begin_experience(scenario.train[0])
+    strategy.experience = scenario.train[0]
+    exp = scenario.train[0]
+    x, y = exp.inputs(torch.arange(8)).float(), exp.y[:8]
+    output = strategy.loss(Batch(x, y, torch.zeros_like(y), x))
+    _, similarity = strategy.pool.select(strategy.query(x), 3)
+    expected = sum(similarity[n].sum() for n in range(8)) / 8
+    torch.testing.assert_close(output.terms["key_similarity"], expected)
+    torch.testing.assert_close(output.loss, output.terms["ce"] - 0.5 * expected)
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_the_query_and_the_prompted_pass_are_counted_once_each(pretrained, name):
+    """Per training sample two forward passes (the query, the prompted pass through the head) and one
+    backward; per evaluated sample two forward passes."""
+    experiment = l2p_experiment if name == "l2p" else dualprompt_experiment
+    strategy, scenario = strategy_for(experiment(pretrained))
+    strategy.fit(scenario.train[0])
+    n = 3 * len(scenario.train[0])  # 3 epochs
+    assert (strategy.compute.forward_samples, strategy.compute.backward_samples) == (2 * n, n)
+    with strategy.compute.evaluation():
+        strategy.predict(scenario.test[0].inputs(torch.arange(8)).float(), None)
+    assert strategy.compute.eval_forward_samples == 16
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_a_stream_with_a_one_class_experience_is_refused_before_training(pretrained, tmp_path, capsys, name):
+    from cl.cli import main
+    cfg = tmp_path / "one_class.toml"
+    cfg.write_text(f'name = "one-class"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
+                   f'n_experiences = 10\n[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
+                   f'checkpoint = "{pretrained}"\n[[strategies]]\nname = "{name}"\n'
+                   + ('g_layers = []\ne_layers = [0]\n' if name == "dualprompt" else ""))
+    assert main(["run", str(cfg), "--store", f"sqlite:///{tmp_path / 'r.db'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{name}' restricts each experience's loss" in err[0], err
+
+
 def test_the_backbone_stays_bit_identical_and_budgets_split_backbone_from_prompts(pretrained):
     strategy, scenario = strategy_for(l2p_experiment(pretrained))
     before = {k: v.clone() for k, v in strategy.model.features.state_dict().items()}

@@ -44,6 +44,15 @@ def test_learned_nothing_compares_with_the_majority_class():
     assert learned_nothing(0.505, 0.5, 0.01) is not None  # within the margin of always answering one class
     assert learned_nothing(0.52, 0.5, 0.01) is None
     assert learned_nothing(0.1, 0.5, -1.0) is None  # a negative margin turns the rule off
+    assert learned_nothing(1.0, 1.0, 0.01) is None  # one class: nothing to tell apart
+
+
+def test_a_stream_of_one_class_experiences_completes():
+    """Split digits into 10 experiences: the first experience's task-IL accuracy and its majority share
+    are both 1, which rule 3 used to call diverged."""
+    from tests.helpers import digits_experiment, run
+    record = run(digits_experiment([{"name": "naive"}], n_experiences=10))
+    assert record.status == "completed" and record.matrix[1][0] == 1.0
 
 
 @pytest.mark.parametrize("table, message", [

@@ -35,7 +35,8 @@ class LabelledData:
 
     def check(self, where: str) -> None:
         """Refuse data no scenario can use: no training or test samples, inputs and labels of
-        different lengths, labels outside 0..n_classes-1 (a UserError naming `where`)."""
+        different lengths, labels outside 0..n_classes-1, test inputs shaped unlike the training ones (a
+        UserError naming `where`)."""
         for split, x, y in (("training", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if len(y) == 0:
                 raise UserError(f"{where}: dataset {self.name!r} has no {split} samples; check its files "
@@ -46,6 +47,10 @@ class LabelledData:
             if int(y.min()) < 0 or int(y.max()) >= self.n_classes:
                 raise UserError(f"{where}: dataset {self.name!r} has {split} labels outside 0..{self.n_classes - 1} "
                                 f"(found {int(y.min())}..{int(y.max())}); fix the labels or the dataset's n_classes")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise UserError(f"{where}: dataset {self.name!r} has training inputs of shape "
+                            f"{list(self.x_train.shape[1:])} but test inputs of shape {list(self.x_test.shape[1:])}; "
+                            f"check its files")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n_train": len(self.y_train), "n_test": len(self.y_test),

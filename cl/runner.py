@@ -91,6 +91,10 @@ def input_pipeline(config: ExperimentConfig, scenario: Scenario, device: torch.d
     mean, std = p.mean, p.std
     if p.normalize and not mean:
         mean, std = channel_statistics(list({id(e.x): e.x for e in scenario.train}.values()))
+        constant = [c for c, s in enumerate(std) if s == 0]
+        if constant:
+            raise UserError(f"[transforms]: channel {constant[0]} of the training data is constant (std 0), so "
+                            f"normalize would divide by zero; give transforms.mean and std, or normalize = false")
     try:
         return InputPipeline(p, scenario.input_shape, device, mean, std)
     except ValueError as exc:

@@ -130,6 +130,9 @@ class InputPipeline:
             raise ValueError(f"transforms {', '.join(needs_image)} need image inputs (C, H, W); "
                              f"the data has shape {list(self.stored_shape)}")
         self.size = tuple(params.resize) if params.resize else None
+        if params.crop_padding and params.crop_padding >= min(self.output_shape[1:]):
+            raise ValueError(f"crop_padding ({params.crop_padding}) must be smaller than the images' height and "
+                             f"width {list(self.output_shape[1:])}; DER and iCaRL use 4 on 32x32 CIFAR")
         self.mean = self.std = None
         if params.normalize:
             # Inputs (C, ...) have C channels; flat inputs (D,) one.

@@ -196,15 +196,18 @@ def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     try:
         with path.open("rb") as f:
             batch = CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except OSError as exc:
-        raise UserError(f"cannot read CIFAR batch {path}: {exc}") from None
+        raise UserError(f"cannot read CIFAR batch {path}: {exc}; {REPLACE_FILE}") from None
     except Exception as exc:  # unpickling errors, missing keys, wrong types
-        raise UserError(f"corrupt CIFAR batch {path}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"corrupt CIFAR batch {path}: {type(exc).__name__}: {exc}; {REPLACE_FILE}") from None
+    if data.dtype != np.uint8:  # the published batches hold bytes; a rescaled copy would silently become 0s and 1s
+        raise UserError(f"corrupt CIFAR batch {path}: data is {data.dtype}, not the published uint8 (0..255); "
+                        f"{REPLACE_FILE}")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise UserError(f"corrupt CIFAR batch {path}: data shape {data.shape}, {len(labels)} labels; "
-                        f"expected (N, 3072) and N labels")
+                        f"expected (N, 3072) and N labels; {REPLACE_FILE}")
     # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major.
     return data.reshape(-1, 3, 32, 32), labels
 

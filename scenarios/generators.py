@@ -206,14 +206,15 @@ def class_incremental(datasets: list[LabelledData], p: ClassIncrementalParams, s
     _validate(name, p)
     d = _one_dataset(name, datasets)
     seed = _resolve_seed(p, seed)
-    order_gen, subset_gen = _generators(seed, 2)
+    order_gen, subset_gen, test_subset_gen = _generators(seed, 3)
     order = _class_order(name, d.n_classes, p.class_order, p.shuffle_classes, order_gen)
     groups = _class_groups(order, _split_sizes(name, d.n_classes, p.n_experiences, p.classes_per_experience))
     parts = []
     for classes in groups:
-        tr, te = _indices_of(d.y_train, classes), _indices_of(d.y_test, classes)
-        tr, te = (_keep_some(name, key, idx, k, subset_gen) for key, idx, k in
-                  (("train_per_experience", tr, p.train_per_experience), ("test_per_experience", te, p.test_per_experience)))
+        tr = _keep_some(name, "train_per_experience", _indices_of(d.y_train, classes), p.train_per_experience,
+                        subset_gen)
+        te = _keep_some(name, "test_per_experience", _indices_of(d.y_test, classes), p.test_per_experience,
+                        test_subset_gen)
         parts.append((d.x_train[tr], d.y_train[tr], d.x_test[te], d.y_test[te]))
     train, test = _mirrored(parts)
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes,
@@ -248,11 +249,13 @@ def _partial_permutation(size: int, fraction: float, gen: torch.Generator) -> tu
     return perm, positions
 
 
-def _subset_parts(name: str, d: LabelledData, p: Any, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _subset_parts(name: str, d: LabelledData, p: Any, train_gen: torch.Generator,
+                  test_gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """This experience's (x_train, y_train, x_test, y_test): random subsets of
-    train_per_experience / test_per_experience samples, or the dataset's own tensors (shared, not copied)."""
-    tr = _random_subset(name, "train_per_experience", len(d.y_train), p.train_per_experience, gen)
-    te = _random_subset(name, "test_per_experience", len(d.y_test), p.test_per_experience, gen)
+    train_per_experience / test_per_experience samples, or the dataset's own tensors (shared, not copied).
+    Two generators, so that the size of the test subsets never changes the training ones."""
+    tr = _random_subset(name, "train_per_experience", len(d.y_train), p.train_per_experience, train_gen)
+    te = _random_subset(name, "test_per_experience", len(d.y_test), p.test_per_experience, test_gen)
     x_tr, y_tr = (d.x_train, d.y_train) if tr is None else (d.x_train[tr], d.y_train[tr])
     x_te, y_te = (d.x_test, d.y_test) if te is None else (d.x_test[te], d.y_test[te])
     return x_tr, y_tr, x_te, y_te
@@ -273,13 +276,13 @@ def permuted(datasets: list[LabelledData], p: PermutedParams, seed: int) -> Scen
     _validate(name, p)
     d = _one_dataset(name, datasets)
     seed = _resolve_seed(p, seed)
-    perm_gen, subset_gen = _generators(seed, 2)
+    perm_gen, subset_gen, test_subset_gen = _generators(seed, 3)
     size = int(np.prod(d.input_shape))
     parts, transforms, n_moved = [], [], 0
     for _ in range(p.n_experiences):
         perm, positions = _partial_permutation(size, p.fraction, perm_gen)
         n_moved = len(positions)
-        parts.append(_subset_parts(name, d, p, subset_gen))
+        parts.append(_subset_parts(name, d, p, subset_gen, test_subset_gen))
         transforms.append(Permutation(perm))
     train, test = _mirrored(parts, transforms)
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes, setting="domain-il",
@@ -324,13 +327,13 @@ def rotated(datasets: list[LabelledData], p: RotatedParams, seed: int) -> Scenar
     name = "rotated"
     _validate(name, p)
     d = _one_dataset(name, datasets)
-    if len(d.input_shape) not in (2, 3):
+    if len(d.input_shape) not in (2, 3) or min(d.input_shape[-2:]) < 2:  # (1, 40): MNIST-1D's channel, length
         raise UserError(f"scenario {name!r} needs image inputs (C, H, W) or (H, W); dataset {d.name!r} has "
                         f"input shape {list(d.input_shape)}; use an image dataset or the 'permuted' scenario")
     seed = _resolve_seed(p, seed)
-    angle_gen, subset_gen = _generators(seed, 2)
+    angle_gen, subset_gen, test_subset_gen = _generators(seed, 3)
     angles = _angles(p.n_experiences, p.min_angle, p.max_angle, angle_gen)
-    parts = [_subset_parts(name, d, p, subset_gen) for _ in angles]
+    parts = [_subset_parts(name, d, p, subset_gen, test_subset_gen) for _ in angles]
     train, test = _mirrored(parts, [Rotation(angle) for angle in angles])
     return _scenario(name, p, seed, datasets, train, test, n_classes=d.n_classes, setting="domain-il",
                      angles=angles)

@@ -155,6 +155,26 @@ def test_idx_shorter_than_header_is_a_user_error(tmp_path: Path) -> None:
         ds.read_idx(bad, ndim=3)
 
 
+def test_test_images_shaped_unlike_the_training_images_are_refused(tmp_path: Path) -> None:
+    from cl.data import LabelledData
+    make_idx_folder(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 27, 28), np.uint8))
+    data = ds.fashion_mnist(ds.FashionMnistParams(data_dir=str(tmp_path)))
+    assert isinstance(data, LabelledData)
+    with pytest.raises(UserError, match=r"training inputs of shape \[1, 28, 28\] but test inputs of shape "
+                                        r"\[1, 27, 28\]"):
+        data.check("dataset")
+
+
+@pytest.mark.parametrize("data", [np.full((2, 3072), 0.5, np.float32), np.full((2, 3072), 300, np.int64)],
+                         ids=["float", "int64"])
+def test_cifar_data_that_is_not_bytes_is_refused(tmp_path: Path, data: np.ndarray) -> None:
+    """A rescaled copy (floats in [0, 1]) used to load as zeros and ones; 300 as 44."""
+    write_cifar_batch(tmp_path / "batch", data, np.arange(2), b"labels")
+    with pytest.raises(UserError, match=f"data is {data.dtype}, not the published uint8 .*replace it"):
+        ds.read_cifar_batch(tmp_path / "batch", b"labels")
+
+
 def test_idx_image_and_label_counts_must_match(tmp_path: Path) -> None:
     make_idx_folder(tmp_path, gz=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(6, np.uint8))  # 7 images

@@ -311,6 +311,22 @@ def test_rotated_small_angle_changes_images_and_subsets():
     assert not torch.equal(s.train[0].inputs(), s.train[0].x)
     with pytest.raises(UserError, match="image inputs"):
         g.rotated([toy(shape=(16,))], g.RotatedParams(), 0)
+    with pytest.raises(UserError, match="image inputs"):  # MNIST-1D's (channel, length): rotating it zeroed most of it
+        g.rotated([toy(shape=(1, 40))], g.RotatedParams(), 0)
+
+
+@pytest.mark.parametrize("scenario", ["class_incremental", "permuted", "rotated"])
+def test_the_test_subsets_size_never_changes_the_training_subsets(scenario):
+    """Evaluating on more or fewer test samples must train on the same stream (cl/seeding.py's rule:
+    each random purpose has its own generator)."""
+    build, params = {"class_incremental": (g.class_incremental, g.ClassIncrementalParams),
+                     "permuted": (g.permuted, g.PermutedParams), "rotated": (g.rotated, g.RotatedParams)}[scenario]
+    streams = [build([toy()], params(n_experiences=3, train_per_experience=6, test_per_experience=k), 0)
+               for k in (0, 2, 4)]
+    for stream in streams[1:]:
+        for exp, reference in zip(stream.train, streams[0].train):
+            assert torch.equal(exp.x, reference.x) and torch.equal(exp.y, reference.y)
+    assert [len(e) for e in streams[2].test] == [4, 4, 4]
 
 
 def test_rotated_accepts_images_without_channel_dim():

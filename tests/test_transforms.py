@@ -78,6 +78,26 @@ def test_image_transforms_need_images():
         pipeline(shape=(40,), crop_padding=2)
 
 
+def test_crop_padding_must_be_smaller_than_the_image():
+    """A huge padding used to fail at the first step, asking for terabytes."""
+    pipeline(shape=(1, 4, 4), crop_padding=3)
+    with pytest.raises(ValueError, match=r"crop_padding \(4\) must be smaller than the images' height and width "
+                                         r"\[4, 4\]"):
+        pipeline(shape=(1, 4, 4), crop_padding=4)
+    with pytest.raises(ValueError, match=r"\[2, 2\]"):  # after resizing
+        pipeline(shape=(1, 8, 8), resize=[2, 2], crop_padding=2)
+
+
+def test_a_constant_channel_cannot_be_normalised_with_computed_statistics():
+    cfg = digits_experiment([{"name": "naive"}], normalize=True)
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+    for exp in scenario.train:
+        exp.x = torch.zeros_like(exp.x)
+    from cl.errors import UserError
+    with pytest.raises(UserError, match="channel 0 of the training data is constant"):
+        input_pipeline(cfg, scenario, torch.device("cpu"))
+
+
 def test_channel_statistics():
     x = torch.randint(0, 256, (50, 3, 5, 5), dtype=torch.uint8)
     mean, std = channel_statistics([x[:20], x[20:]], chunk=7)

@@ -497,10 +497,12 @@ def run_experiment(config: ExperimentConfig, datasets: list[LabelledData], store
             for diff in other_configurations(folders[seed], identities[seed]):
                 log(f"{component.label} seed {seed}: starts from the beginning; a checkpoint of another "
                     f"configuration ({diff}) is left for its own --resume")
-        graph_reason = graph_problem(strategy_class, device) if graphs else None
+        graph_reason = graph_problem(strategy_class, device, backbone) if graphs else None
         graphed = graphs and graph_reason is None
         if graphs and not graphed:
             log(f"cuda graphs: {component.label} runs eagerly: {graph_reason}")
+        for seed in sorted(resumed) if graphed else []:
+            log(f"cuda graphs: {component.label} seed {seed} runs eagerly: it resumes from a checkpoint")
         unstackable = stacking_problem(strategy_class, backbone)
         if stack and len(pending) > 1 and strategy_class.stackable and unstackable is not None:
             log(f"{component.label}: its runs train one by one, not stacked: {unstackable}")

@@ -75,17 +75,21 @@ def stacking_problem(strategy: type[Strategy], model: nn.Module | None = None) -
         return "the model has batch-norm layers (their runs are too sensitive to rounding to check stacked)"
     if not strategy.stackable:
         return "it does not declare stackable = True"
-    for hook in ("loss", "train_experience", "trainable_modules", "train_step"):
+    # The engine calls begin_fit, training_data, batches and end_fit itself: an override of what calls
+    # them (fit, train_on) or of the step would be skipped.
+    for hook in ("loss", "fit", "train_on", "train_experience", "trainable_modules", "train_step"):
         if getattr(strategy, hook) is not getattr(Strategy, hook):
             return f"it overrides {hook}()"
     return None
 
 
-def graph_problem(strategy: type[Strategy], device: torch.device) -> str | None:
-    """Why this strategy's steps cannot be CUDA-graphed on this device (None when they can; cl/graphs.py)."""
+def graph_problem(strategy: type[Strategy], device: torch.device, model: nn.Module | None = None) -> str | None:
+    """Why this strategy's steps (on this backbone, when given) cannot be CUDA-graphed on this device (None
+    when they can; cl/graphs.py). Graphed steps run through the stacked engine, so what stops stacking stops
+    graphs too."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
-    problem = stacking_problem(strategy)
+    problem = stacking_problem(strategy, model)
     if problem is not None:
         return f"its step is not draw + objective ({problem})"
     if strategy.adjust_gradients is not Strategy.adjust_gradients:
@@ -150,7 +154,7 @@ class StackedRuns:
         if graphs and self.own_optimizers:
             raise ValueError("stacked runs with different training parameters cannot run with CUDA graphs")
         if graphs:  # one per experience: the parameters are stacked anew at each
-            problem = graph_problem(type(self.template), self.template.device)
+            problem = graph_problem(type(self.template), self.template.device, self.template.model)
             if problem is not None:
                 raise ValueError(f"{type(self.template).__name__} cannot run with CUDA graphs: {problem}")
             self.graphs = StepGraphs(self._device_step, self._sample_counts,
@@ -178,14 +182,15 @@ class StackedRuns:
         experience_of = {id(member): exp for member, exp in zip(self.members, experiences)}
         for member, exp in zip(self.members, experiences):
             member.begin_fit(exp)
-        data = [member.training_data(exp) for member, exp in zip(self.members, experiences)]
-        lengths = {None if d is None else len(d) for d in data}
+        # By member, not by position: members that stop leave the list, and the others keep their own data.
+        data_of = {id(member): member.training_data(exp) for member, exp in zip(self.members, experiences)}
+        lengths = {None if d is None else len(d) for d in data_of.values()}
         if len(lengths) != 1:
             raise ValueError(f"stacked runs need training data of one length, got {sorted(lengths, key=str)}")
         self._stack()
         try:
-            for _ in range(self.training.epochs if data[0] is not None else 0):
-                streams = {id(member): iter(member.batches(d)) for member, d in zip(self.members, data)}
+            for _ in range(self.training.epochs if lengths != {None} else 0):
+                streams = {id(member): iter(member.batches(data_of[id(member)])) for member in self.members}
                 while self.members:
                     try:
                         batches = [next(streams[id(member)]) for member in self.members]

@@ -11,12 +11,16 @@ machine. Each process registers itself (a file named after its process id in a
 folder under the system's temporary directory) and, at the start of every
 experience, takes max(1, cores // live cl processes) threads. A process that
 starts alone keeps every core; when others start, it gives cores up at its next
-experience. `--threads N` fixes the count instead.
+experience. `--threads N` fixes the count instead, and so does OMP_NUM_THREADS
+when it is set (what users of PyTorch expect it to do). The folder is shared by
+every user of the machine (mode 1777, as the temporary directory itself); a
+process that cannot register there says so and keeps its count unshared.
 """
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,15 +64,34 @@ def share() -> int:
     return _requested if _requested is not None else max(1, cores() // live_processes())
 
 
+def requested_by_environment() -> int | None:
+    """OMP_NUM_THREADS as a positive count, else None."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def claim(requested: int | None = None) -> int:
     """Register this process (for the life of the process) and set its thread count; `requested`
-    fixes it. Returns the count set."""
+    (else OMP_NUM_THREADS) fixes it. Returns the count set."""
     global _requested, _registered
-    _requested = requested
+    _requested = requested if requested is not None else requested_by_environment()
     if _registered is None:
-        REGISTRY.mkdir(parents=True, exist_ok=True)
-        _registered = REGISTRY / str(os.getpid())
-        _registered.touch()
+        entry = REGISTRY / str(os.getpid())
+        try:
+            REGISTRY.mkdir(parents=True, exist_ok=True)
+            if REGISTRY.stat().st_uid == os.getuid() and REGISTRY.stat().st_mode & 0o1777 != 0o1777:
+                REGISTRY.chmod(0o1777)  # other users' cl processes register here too
+            entry.touch()
+        except OSError as exc:
+            n = share()
+            print(f"cl: cannot register in {REGISTRY} ({exc.strerror}), so this process does not share cores "
+                  f"with other cl processes: it uses {n} threads (--threads N sets them)", file=sys.stderr)
+            torch.set_num_threads(n)
+            return n
+        _registered = entry
         atexit.register(release)
     return rebalance()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cl.graphs
+import cl.runner
 import cl.stacking
 from cl.graphs import Captured
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
@@ -198,6 +199,37 @@ def test_a_member_that_diverges_leaves_the_stack_and_the_others_go_on():
     for a, s in zip(alone[1:], stacked[1:]):
         for pa, ps in zip(a.strategy.model.parameters(), s.strategy.model.parameters()):
             assert torch.allclose(pa, ps, atol=1e-5, rtol=0)
+
+
+def test_after_a_member_leaves_the_others_keep_their_own_data_in_later_epochs():
+    """Each seed of a permuted stream has its own permutations. When the first member diverges in the
+    first epoch, the second epoch must still give each remaining member its own data (it used to give
+    each the data of the member before it, and they were stored as completed)."""
+    cfgs = [digits_experiment([{"name": "naive"}], hidden=[16], lr=lr, epochs=2, name="permuted", n_experiences=2)
+            for lr in (1e4, 0.05, 0.05)]
+    for cfg in cfgs:
+        cfg.divergence.check_every = 5
+    data = load_datasets(cfgs[0].datasets)
+    make = lambda cfg, seed: Run(cfg, cfg.strategies[0], build_scenario(cfg, data, seed), seed, CPU,  # noqa: E731
+                                 None, None, False)
+    alone = [make(cfg, seed) for cfg, seed in zip(cfgs, SEEDS)]
+    for run in alone:
+        train_together([run], progress=False)
+    stacked = [make(cfg, seed) for cfg, seed in zip(cfgs, SEEDS)]
+    train_together(stacked, progress=False)
+    assert [run.record().status for run in stacked] == ["diverged", "completed", "completed"]
+    for a, s in zip(alone[1:], stacked[1:]):
+        for pa, ps in zip(a.strategy.model.parameters(), s.strategy.model.parameters()):
+            assert torch.allclose(pa, ps, atol=1e-5, rtol=0)
+
+
+def test_strategies_that_override_fit_or_train_on_are_not_stacked():
+    """The stacked engine calls begin_fit, training_data, batches and end_fit itself: such an override
+    would be skipped."""
+    naive = STRATEGIES.get("naive").obj
+    for hook in ("fit", "train_on"):
+        subclass = type("Custom", (naive,), {hook: lambda self, *args: getattr(naive, hook)(self, *args)})
+        assert stacking_problem(subclass) == f"it overrides {hook}()"
 
 
 def test_hooks_of_stacked_runs_see_their_own_optimizer(monkeypatch):
@@ -506,3 +538,32 @@ def test_strategies_that_rewrite_gradients_on_the_host_are_not_graphed():
     assert graph_problem(STRATEGIES.get("agem").obj, cuda) is None  # its projection is tensor operations
     assert "adjust_gradients" in graph_problem(STRATEGIES.get("si").obj, cuda)
     assert "not draw + objective" in graph_problem(STRATEGIES.get("gem").obj, cuda)
+    batch_norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert "batch-norm" in graph_problem(STRATEGIES.get("er").obj, cuda, batch_norm)  # graphs run stacked
+
+
+def test_a_run_resumed_under_cuda_graphs_says_it_runs_eagerly(monkeypatch, tmp_path):
+    """On CPU with the device checks patched out and the eager stand-in capture: the resumed seed trains
+    alone and eagerly, and one line says so; the fresh seed is graphed."""
+    monkeypatch.setattr(cl.graphs, "cuda_capture", eager_capture)
+    for module in (cl.runner, cl.stacking):
+        monkeypatch.setattr(module, "graph_problem", lambda *args: None)
+    cfg = digits_experiment([{"name": "er", "buffer_size": 50}], hidden=[16], seeds=[0, 1], n_experiences=3)
+    store = ResultStore(f"sqlite:///{tmp_path / 'r.db'}")
+    after_experience = Run.after_experience
+
+    def interrupt(self, i):
+        after_experience(self, i)
+        if i == 0 and self.seed == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "after_experience", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, check_experiment(cfg, CPU), store, CPU, progress=False, log=lambda _: None,
+                       graphs=True, stack=False)
+    monkeypatch.setattr(Run, "after_experience", after_experience)
+    lines = []
+    records = run_experiment(cfg, check_experiment(cfg, CPU), store, CPU, progress=False, log=lines.append,
+                             graphs=True, resume=True)
+    assert [r.status for r in records] == ["completed", "completed"]
+    assert "cuda graphs: er seed 0 runs eagerly: it resumes from a checkpoint" in lines

@@ -16,6 +16,7 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "REGISTRY", tmp_path)
     monkeypatch.setattr(threads, "cores", lambda: 8)
     monkeypatch.setattr(threads, "_requested", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return tmp_path
 
 
@@ -60,3 +61,37 @@ def test_claim_sets_torch_threads_and_a_requested_count_is_kept(registry, monkey
         threads.release()
         torch.set_num_threads(before)
     assert not (registry / str(os.getpid())).exists()
+
+
+def test_omp_num_threads_fixes_the_count_unless_threads_is_given(registry, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_registered", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    try:
+        assert threads.claim() == 3 and torch.get_num_threads() == 3
+        assert threads.claim(2) == 2  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "zero")
+        assert threads.claim() == 8  # not a count: the shared default
+    finally:
+        threads.release()
+        torch.set_num_threads(before)
+
+
+def test_the_registry_is_shared_by_every_user_and_an_unusable_one_is_said_in_one_line(
+        registry, monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_registered", None)
+    shared = registry / "cl-processes"
+    monkeypatch.setattr(threads, "REGISTRY", shared)
+    try:
+        threads.claim()
+        assert shared.stat().st_mode & 0o7777 == 0o1777  # like /tmp: anyone registers, only owners remove
+        threads.release()
+        (registry / "a-file").write_text("")
+        monkeypatch.setattr(threads, "REGISTRY", registry / "a-file" / "cl-processes")  # cannot be created
+        assert threads.claim() == 8
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "does not share cores" in err[0] and "uses 8 threads" in err[0]
+    finally:
+        threads.release()
+        torch.set_num_threads(before)

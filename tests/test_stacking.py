@@ -509,7 +509,7 @@ def test_graph_bookkeeping_replays_steps_like_the_eager_ones(name, monkeypatch):
     eager, every other step replayed from static inputs; parameters, compute counts and logs as without
     graphs."""
     monkeypatch.setattr(cl.graphs, "cuda_capture", eager_capture)
-    monkeypatch.setattr(cl.stacking, "graph_problem", lambda strategy, device: None)
+    monkeypatch.setattr(cl.stacking, "graph_problem", lambda *args: None)
     cfg = digits_experiment([{"name": name}], hidden=[32], lr=0.05)
     plain, scenarios = members(cfg, [0, 1])
     graphed, _ = members(cfg, [0, 1])

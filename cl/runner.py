@@ -235,6 +235,7 @@ class Run:
         self.evaluator = Evaluator(scenario, config.training.eval_batch_size)
         self.checkpoint = RunCheckpoint(checkpoints, self.identity) if checkpoints is not None else None
         self.done, self.earlier_seconds, self.eval_seconds = 0, 0.0, 0.0  # experiences done before this process
+        self.stacked_with = 1  # runs trained together with this one (itself included): they share its wall time
         self.status, self.failure, self.current = "completed", None, 0  # current: 1-based experience
         self.strategy: Strategy | None = None  # None when building it failed (the run is then `failed`)
         with self.recording():  # a plugin's bug in __init__, build_model or setup fails this run only
@@ -311,13 +312,14 @@ class Run:
             if self.observe is not None:
                 self.observe(self, i + 1)
         if self.checkpoint is not None and i < T - 1:
-            self.checkpoint.save(i + 1, strategy, self.evaluator, strategy.loss_monitor, self.seconds(),
-                                 self.eval_seconds)
+            # The run's share of the wall time: resumed, it trains alone and adds its own time to this.
+            self.checkpoint.save(i + 1, strategy, self.evaluator, strategy.loss_monitor,
+                                 self.seconds() / self.stacked_with, self.eval_seconds)
 
     def seconds(self) -> float:
         return self.earlier_seconds + time.perf_counter() - self.start
 
-    def record(self, stacked_with: int = 1) -> RunRecord:
+    def record(self) -> RunRecord:
         config, component, scenario, strategy = self.config, self.component, self.scenario, self.strategy
         wall = self.seconds()
         evaluator, identity = self.evaluator, self.identity
@@ -339,7 +341,7 @@ class Run:
                             model_bytes=strategy.model_bytes() if built else 0,
                             forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
                             eval_forward_samples=compute.eval_forward_samples, scenario_bytes=scenario.nbytes(),
-                            stacked_runs=stacked_with),
+                            stacked_runs=self.stacked_with),
             logs=strategy.logs.as_lists(scenario.n_experiences) if built else {},
             scenario=scenario.description,
             config={**config.setup(), "strategy": {"name": component.name, "label": component.label,
@@ -394,8 +396,10 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
     runs = [Run(config, component, scenario, seed, device, pipeline, folder, False)
             for scenario, seed, pipeline, folder in zip(scenarios, seeds, pipelines or [None] * len(seeds),
                                                         checkpoints or [None] * len(seeds))]
+    for run in runs:
+        run.stacked_with = len(runs)
     train_together(runs, progress, graphs, log)
-    return [run.record(stacked_with=len(runs)) for run in runs]
+    return [run.record() for run in runs]
 
 
 def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,

@@ -535,12 +535,14 @@ def _train_group(sweep: Sweep, study: optuna.Study, trials: list[optuna.Trial], 
         runs.append(Run(config, config.strategies[0], scenario, sweep.seed, device, pipeline, None, False,
                         sweep=tag, observe=_pruning(trial, sweep.direction)))
     if len(runs) > 1 and stackable:
+        for run in runs:
+            run.stacked_with = len(runs)
         train_together(runs, progress, log=log)
-    else:
+    else:  # (a group of one: trials that cannot stack are asked for one at a time)
         for run in runs:
             train_alone(run, progress)
     for trial, run in zip(trials, runs):
-        record = run.record(stacked_with=len(runs) if len(runs) > 1 and stackable else 1)
+        record = run.record()
         stored = store.write_or_keep(record)
         record.id = stored if isinstance(stored, int) else None
         trial.set_user_attr("run_status", record.status)

@@ -567,3 +567,25 @@ def test_a_run_resumed_under_cuda_graphs_says_it_runs_eagerly(monkeypatch, tmp_p
                              graphs=True, resume=True)
     assert [r.status for r in records] == ["completed", "completed"]
     assert "cuda graphs: er seed 0 runs eagerly: it resumes from a checkpoint" in lines
+
+
+def test_a_stacked_runs_checkpoint_keeps_its_share_of_the_wall_time(tmp_path, monkeypatch):
+    """Resumed, a run trains alone and adds its own time to the checkpoint's: that must be its share of
+    the group's time (it was the group's, which made a resumed run's wall time up to k times too long)."""
+    from cl.resume import RunCheckpoint
+    saved = {}
+    save = RunCheckpoint.save
+
+    def keep(self, experiences_done, strategy, evaluator, monitor, seconds, eval_seconds):
+        saved[(self.identity["seed"], experiences_done)] = seconds
+        save(self, experiences_done, strategy, evaluator, monitor, seconds, eval_seconds)
+
+    monkeypatch.setattr(RunCheckpoint, "save", keep)
+    cfg = digits_experiment([{"name": "naive"}], hidden=[16], seeds=[0, 1], n_experiences=3)
+    scenarios = [build_scenario(cfg, load_datasets(cfg.datasets), s) for s in (0, 1)]
+    records = run_stacked(cfg, cfg.strategies[0], scenarios, [0, 1], CPU, progress=False,
+                          checkpoints=[tmp_path / "a", tmp_path / "b"])
+    for seed, record in zip((0, 1), records):
+        assert record.budgets.stacked_runs == 2
+        # After 2 of 3 experiences: about two thirds of the run's share, under half of the group's time.
+        assert 0 < saved[(seed, 2)] < record.budgets.wall_seconds / 2

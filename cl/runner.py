@@ -396,8 +396,6 @@ def run_stacked(config: ExperimentConfig, component: Component, scenarios: list[
     runs = [Run(config, component, scenario, seed, device, pipeline, folder, False)
             for scenario, seed, pipeline, folder in zip(scenarios, seeds, pipelines or [None] * len(seeds),
                                                         checkpoints or [None] * len(seeds))]
-    for run in runs:
-        run.stacked_with = len(runs)
     train_together(runs, progress, graphs, log)
     return [run.record() for run in runs]
 
@@ -408,6 +406,7 @@ def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
     (diverged, failed, pruned) leaves the stack; the others go on. Their members may differ in the
     strategy's float parameters and in the learning-rate-like training parameters (cl/stacking.py)."""
     for run in runs:
+        run.stacked_with = len(runs)  # trained in lockstep, they share one wall time
         if run.running:  # not when its strategy could not be built
             with run.recording():
                 run.begin()

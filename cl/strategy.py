@@ -150,6 +150,9 @@ class Strategy:
     #: True for strategies that must see the whole stream before training (joint):
     #: the runner then evaluates only before training and after the last experience.
     joint_training: bool = False
+    #: True when each experience's loss sees only that experience's classes (hnet, the prompt pools):
+    #: a stream with an experience of one class, whose loss would then be 0, is refused.
+    loss_within_experience_classes: bool = False
     #: True when the step is written as draw() + objective() and trains only `self.model` with the
     #: default train_experience (training_data may choose the data): the runs of the strategy that
     #: share every shape (its seeds) then train as one stacked model (cl/stacking.py). Set it only
@@ -204,17 +207,11 @@ class Strategy:
         if cls.supported_models is not None and model.name not in cls.supported_models:
             return (f"strategy {name!r} works with models {', '.join(cls.supported_models)}, not {model.name!r}; "
                     f"change [model] name")
+        if cls.loss_within_experience_classes and stream.fewest_classes < 2:
+            return (f"strategy {name!r} restricts each experience's loss to the experience's own classes, and an "
+                    f"experience of this stream has only one class, so it would learn nothing; use at least 2 "
+                    f"classes per experience (scenario n_experiences)")
         return None
-
-    @staticmethod
-    def one_class_problem(name: str, stream: StreamInfo) -> str | None:
-        """For strategies whose loss sees only the current experience's classes: with one class that
-        loss is 0 whatever the model does, so the experience would train nothing."""
-        if stream.fewest_classes >= 2:
-            return None
-        return (f"strategy {name!r} restricts each experience's loss to the experience's own classes, and an "
-                f"experience of this stream has only one class, so it would learn nothing; use at least 2 "
-                f"classes per experience (scenario n_experiences)")
 
     @classmethod
     def training_incompatibility(cls, params: Any, stream: StreamInfo, training: TrainingParams,

@@ -535,8 +535,6 @@ def _train_group(sweep: Sweep, study: optuna.Study, trials: list[optuna.Trial], 
         runs.append(Run(config, config.strategies[0], scenario, sweep.seed, device, pipeline, None, False,
                         sweep=tag, observe=_pruning(trial, sweep.direction)))
     if len(runs) > 1 and stackable:
-        for run in runs:
-            run.stacked_with = len(runs)
         train_together(runs, progress, log=log)
     else:  # (a group of one: trials that cannot stack are asked for one at a time)
         for run in runs:

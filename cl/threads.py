@@ -82,7 +82,8 @@ def claim(requested: int | None = None) -> int:
         entry = REGISTRY / str(os.getpid())
         try:
             REGISTRY.mkdir(parents=True, exist_ok=True)
-            if REGISTRY.stat().st_uid == os.getuid() and REGISTRY.stat().st_mode & 0o1777 != 0o1777:
+            folder = REGISTRY.stat()
+            if folder.st_uid == os.getuid() and folder.st_mode & 0o1777 != 0o1777:
                 REGISTRY.chmod(0o1777)  # other users' cl processes register here too
             entry.touch()
         except OSError as exc:

@@ -123,13 +123,14 @@ class HNET(Strategy):
     """Task-conditioned hypernetwork (von Oswald et al. 2020): generates the target's weights per task."""
 
     Params = HNETParams
+    loss_within_experience_classes = True  # each embedding's outputs are restricted to its classes
     # targets: f_h's outputs for earlier tasks, stored before each task; previous: whose they are;
     # classes: the classes each embedding was trained on (its outputs are restricted to them).
     kept = ("targets", "previous", "classes")
 
     @classmethod
     def incompatibility(cls, params: HNETParams, stream: StreamInfo, model: ModelSpec) -> str | None:
-        problem = super().incompatibility(params, stream, model) or cls.one_class_problem("hnet", stream)
+        problem = super().incompatibility(params, stream, model)
         if problem is None:
             buffers = [name for name, _ in model.build().named_buffers()]
             if buffers:

@@ -61,10 +61,7 @@ class PromptStrategy(Strategy):
     Subclasses build `self.pool` (every learned prompt and key) in `build_pool`."""
 
     supported_models = ("vit",)
-
-    @classmethod
-    def incompatibility(cls, params, stream: StreamInfo, model: ModelSpec) -> str | None:
-        return super().incompatibility(params, stream, model) or cls.one_class_problem(cls.registered_name, stream)
+    loss_within_experience_classes = True  # the papers' masking
 
     def setup(self) -> None:
         for p in self.model.features.parameters():

@@ -22,6 +22,15 @@ def pretrained(tmp_path_factory):
     return str(folder / "vit.pt")
 
 
+def tiny_vit_file(path, pretrained, body, n_experiences=5):
+    """An experiment file at `path`: split digits on the tiny pretrained vit; `body` adds [training] and the
+    [[strategies]]."""
+    path.write_text(f'name = "p"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
+                    f'n_experiences = {n_experiences}\n[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\n'
+                    f'heads = 2\ncheckpoint = "{pretrained}"\n' + body)
+    return path
+
+
 def l2p_experiment(checkpoint, strategies=None, **options):
     cfg = digits_experiment(strategies or [{"name": "l2p", "pool_size": 6, "top_k": 2, "prompt_length": 3}],
                             model="vit", epochs=3, optimizer="adam", lr=0.01, **options)
@@ -88,11 +97,8 @@ def test_the_query_and_the_prompted_pass_are_counted_once_each(pretrained, name)
 @pytest.mark.parametrize("name", ["l2p", "dualprompt"])
 def test_a_stream_with_a_one_class_experience_is_refused_before_training(pretrained, tmp_path, capsys, name):
     from cl.cli import main
-    cfg = tmp_path / "one_class.toml"
-    cfg.write_text(f'name = "one-class"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
-                   f'n_experiences = 10\n[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
-                   f'checkpoint = "{pretrained}"\n[[strategies]]\nname = "{name}"\n'
-                   + ('g_layers = []\ne_layers = [0]\n' if name == "dualprompt" else ""))
+    cfg = tiny_vit_file(tmp_path / "one_class.toml", pretrained, f'[[strategies]]\nname = "{name}"\n'
+                        + ('g_layers = []\ne_layers = [0]\n' if name == "dualprompt" else ""), n_experiences=10)
     assert main(["run", str(cfg), "--store", f"sqlite:///{tmp_path / 'r.db'}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{name}' restricts each experience's loss" in err[0], err
@@ -203,11 +209,8 @@ def test_dualprompt_continues_exactly_from_a_checkpoint(pretrained):
 def test_dualprompt_layers_beyond_the_backbone_are_refused_before_training(pretrained, tmp_path, capsys):
     from cl.cli import main
     from cl.store import ResultStore
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(f'name = "bad"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
-                   f'[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
-                   f'checkpoint = "{pretrained}"\n[[strategies]]\nname = "naive"\n'
-                   f'[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [1]\n')
+    cfg = tiny_vit_file(tmp_path / "bad.toml", pretrained, '[[strategies]]\nname = "naive"\n'
+                        '[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [1]\n')
     store = f"sqlite:///{tmp_path / 'r.db'}"
     assert main(["run", str(cfg), "--store", store, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -240,12 +243,10 @@ def test_an_interrupted_prompt_run_resumes_bit_for_bit(pretrained, tmp_path, mon
     from cl.cli import main
     from cl.resume import RunCheckpoint
     from cl.store import ResultStore
-    path = tmp_path / "prompts.toml"
-    path.write_text(f'name = "p"\n[dataset]\nname = "digits"\n[scenario]\nname = "class_incremental"\n'
-                    f'n_experiences = 3\n[model]\nname = "vit"\npatch_size = 4\nwidth = 16\ndepth = 1\nheads = 2\n'
-                    f'checkpoint = "{pretrained}"\n[training]\nepochs = 2\nbatch_size = 32\noptimizer = "adam"\n'
-                    f'lr = 0.01\n[[strategies]]\nname = "l2p"\npool_size = 6\ntop_k = 2\nprompt_length = 3\n'
-                    f'[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [0]\n')
+    path = tiny_vit_file(tmp_path / "prompts.toml", pretrained,
+                         '[training]\nepochs = 2\nbatch_size = 32\noptimizer = "adam"\nlr = 0.01\n'
+                         '[[strategies]]\nname = "l2p"\npool_size = 6\ntop_k = 2\nprompt_length = 3\n'
+                         '[[strategies]]\nname = "dualprompt"\ng_layers = []\ne_layers = [0]\n', n_experiences=3)
     whole, parts = f"sqlite:///{tmp_path}/whole.db", f"sqlite:///{tmp_path}/parts.db"
     assert main(["run", str(path), "--store", whole, "--no-progress"]) == 0
     save = RunCheckpoint.save

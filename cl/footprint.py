@@ -1,26 +1,26 @@
 """A lower bound on a run's memory, checked against what the device has before anything is allocated.
 
 The bound counts what every run of a strategy must hold: the backbone's weights
-with their gradients and two optimizer moments (4 copies; built on PyTorch's
-`meta` device, so an absurd `hidden = [10**12]` costs nothing to measure) and
-the samples the strategy declares it stores (`Strategy.stored_samples`), each
-with its input and a row of logits. Activations, old-model copies and the
+(built on PyTorch's `meta` device, so an absurd `hidden = [10**12]` costs nothing
+to measure), the gradients of those the experiment trains (for a strategy that
+trains the backbone's own parameters), and the samples the strategy declares it
+stores (`Strategy.stored_samples`), each at the size of its input as the dataset
+stores it (uint8 images: one byte a pixel, before any resize; buffers keep
+`batch.raw`). Optimizer moments, activations, old-model copies, logits and the
 scenario's data come on top, so a run refused here could never have fitted.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from cl.data import StreamInfo
 from cl.strategy import ModelSpec
 
-MODEL_COPIES = 4  # weights, gradients, two optimizer moments (Adam; SGD with momentum needs fewer)
-BYTES = 4  # float32
+BYTES = 4  # float32 weights and gradients
 
 
 def meta_model(model: ModelSpec) -> nn.Module:
@@ -31,23 +31,27 @@ def meta_model(model: ModelSpec) -> nn.Module:
         return model.build()
 
 
-def parameter_count(model: ModelSpec) -> int:
-    """Parameters of the configured backbone, counted without allocating them."""
+def parameter_counts(model: ModelSpec, frozen: Callable[[str], bool]) -> tuple[int, int]:
+    """(all, not frozen) parameters of the configured backbone, counted without allocating them."""
     try:
-        return sum(p.numel() for p in meta_model(model).parameters())
+        named = [(name, p.numel() if p.requires_grad else 0, p.numel())
+                 for name, p in meta_model(model).named_parameters()]
     except RuntimeError as exc:  # sizes whose product overflows: certainly too large
         if "overflow" in str(exc):
-            return 2**63 - 1
+            return 2**63 - 1, 0
         raise
+    return sum(n for _, _, n in named), sum(n for name, n, _ in named if not frozen(name))
 
 
-def lower_bound(n: int, stream: StreamInfo, stored_samples: int) -> tuple[int, str]:
-    """(bytes, what they are) that a run must hold at least, for a backbone of `n` parameters."""
-    sample = (math.prod(stream.input_shape) + stream.n_classes) * BYTES
-    total = MODEL_COPIES * BYTES * n + stored_samples * sample
-    what = f"{n:,} model parameters x {MODEL_COPIES} copies"
+def lower_bound(weights: int, gradients: int, stored_samples: int, sample_bytes: int) -> tuple[int, str]:
+    """(bytes, what they are) that a run must hold at least: `weights` parameters, `gradients` of them
+    trained, and `stored_samples` kept samples of `sample_bytes` each."""
+    total = BYTES * (weights + gradients) + stored_samples * sample_bytes
+    what = f"{weights:,} model parameters"
+    if gradients:
+        what += f" with {gradients:,} gradients"
     if stored_samples:
-        what += f" and {stored_samples:,} stored samples"
+        what += f" and {stored_samples:,} stored samples of {sample_bytes:,} bytes"
     return total, what
 
 

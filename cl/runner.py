@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import math
 import re
 import time
 import traceback
@@ -22,7 +23,7 @@ from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
 from cl.errors import Pruned, RunError, UserError
 from cl.evaluation import Evaluator
-from cl.footprint import available_bytes, gib, lower_bound, meta_model, parameter_count
+from cl.footprint import available_bytes, gib, lower_bound, meta_model, parameter_counts
 from cl.metrics import compute_metrics
 from cl.params import params_to_dict
 from cl.provenance import code_version, package_of, provenance
@@ -32,7 +33,7 @@ from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
-from cl.training import ComputeCount, check_prefixes
+from cl.training import ComputeCount, check_prefixes, is_frozen
 from cl.transforms import InputPipeline, channel_statistics
 from cl.validation import validation_scenario
 
@@ -118,7 +119,9 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     stream = scenario.stream_info(pipeline.output_shape)
     model = model_spec(config, stream)
     available = available_bytes(pipeline.device)
-    n_parameters = parameter_count(model) if available is not None else 0
+    weights, trained = (parameter_counts(model, lambda name: is_frozen(name, config.training))
+                        if available is not None else (0, 0))
+    sample_bytes = math.prod(scenario.input_shape) * scenario.train[0].x.element_size()  # as buffers store them
     prefix_problem = None  # a freeze or lr_scale prefix that matches none of the backbone's parameters
     if config.training.freeze or config.training.lr_scale:
         try:
@@ -132,7 +135,10 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
             raise UserError(prefix_problem)
         problem = None
         try:
-            need, what = lower_bound(n_parameters, stream, strategy.stored_samples(component.params, stream))
+            # a strategy that trains modules of its own (prompts, a hypernetwork) may train no backbone weight
+            gradients = trained if strategy.trainable_modules is Strategy.trainable_modules else 0
+            need, what = lower_bound(weights, gradients, strategy.stored_samples(component.params, stream),
+                                     sample_bytes)
             if available is None or need <= available:  # first: incompatibility() may build the model
                 problem = (strategy.incompatibility(component.params, stream, model)
                            or strategy.training_incompatibility(component.params, stream, config.training,

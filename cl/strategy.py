@@ -222,8 +222,8 @@ class Strategy:
 
     @classmethod
     def stored_samples(cls, params: Any, stream: StreamInfo) -> int:
-        """How many samples (input and a row of logits each) the strategy keeps at most; the runner's
-        memory check counts them before anything is allocated (cl/footprint.py). Default: none."""
+        """How many samples the strategy keeps at most; the runner's memory check counts them, each at the
+        size of its input as stored, before anything is allocated (cl/footprint.py). Default: none."""
         return 0
 
     @classmethod

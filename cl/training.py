@@ -55,6 +55,11 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def is_frozen(name: str, training: TrainingParams) -> bool:
+    """Whether `training.freeze` keeps the parameter called `name` from training."""
+    return any(_matches(name, prefix) for prefix in training.freeze)
+
+
 def check_prefixes(names: list[str], training: TrainingParams) -> None:
     """Raise ValueError naming a `freeze` or `lr_scale` prefix that matches none of these parameter names."""
     for key, prefixes in (("freeze", training.freeze), ("lr_scale", list(training.lr_scale))):
@@ -73,7 +78,7 @@ def parameter_groups(named: list[tuple[str, nn.Parameter]], training: TrainingPa
     check_prefixes([n for n, _ in named], training)
     groups: dict[str, list[nn.Parameter]] = {}
     for name, p in named:
-        if any(_matches(name, prefix) for prefix in training.freeze):
+        if is_frozen(name, training):
             p.requires_grad_(False)
             continue
         if not p.requires_grad:

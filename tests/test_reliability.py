@@ -463,8 +463,33 @@ def test_leaderboard_out_on_a_file_is_a_one_line_error(cli, store_url, tmp_path)
     assert "leaderboard --out" in result.err and "cannot write there" in result.err
 
 
+@pytest.mark.parametrize("freeze, gradients", [([], 4810), (["features"], 650)])
+def test_the_memory_bound_counts_samples_as_stored_and_gradients_of_trained_weights_only(monkeypatch, freeze,
+                                                                                         gradients):
+    """The bound is a lower bound: uint8 samples cost a byte a value (buffers keep them as stored), frozen
+    weights have no gradient; it used to charge 4 float32 copies of every weight and float32 inputs plus
+    a row of logits per sample, refusing runs that fit (digits: 4 x 4 x 4810 + 1000 x 74 x 4 bytes)."""
+    import dataclasses
+
+    from cl.errors import UserError
+    from cl.runner import build_scenario, check_compatibility, input_pipeline, load_datasets
+    from tests.helpers import digits_experiment
+    cfg = digits_experiment([{"name": "er", "buffer_size": 1000}], hidden=[64], freeze=freeze)
+    scenario = build_scenario(cfg, load_datasets(cfg.datasets), 0)
+    as_bytes = [dataclasses.replace(e, x=e.x.to(torch.uint8)) for e in scenario.train]  # 64 bytes a sample
+    scenario = dataclasses.replace(scenario, train=as_bytes)
+    need = 4 * (4810 + gradients) + 1000 * 64  # MLP 64-64-10: 4810 weights
+    pipeline = input_pipeline(cfg, scenario, torch.device("cpu"))
+    monkeypatch.setattr("cl.runner.available_bytes", lambda device: need)
+    check_compatibility(cfg, scenario, pipeline)
+    monkeypatch.setattr("cl.runner.available_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match=f"4,810 model parameters with {gradients:,} gradients and 1,000 stored "
+                                        f"samples of 64 bytes"):
+        check_compatibility(cfg, scenario, pipeline)
+
+
 @pytest.mark.parametrize("override, what", [
-    ("model.hidden=[1000000000000]", "model parameters x 4 copies"),
+    ("model.hidden=[1000000000000]", "model parameters with"),
     ("strategies.er.buffer_size=100000000000", "100,000,000,000 stored samples"),
 ])
 def test_a_run_too_large_for_memory_is_refused_before_anything_is_allocated(cli, tiny_raw, write_experiment,

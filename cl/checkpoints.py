@@ -20,13 +20,26 @@ from cl.errors import UserError
 FORMAT = "cl-pretrained-backbone/1"
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash leaves the previous file (or none), never half of one."""
-    path = Path(path)
+def save_durably(payload: Any, path: Path) -> None:
+    """`torch.save` atomically and durably: temporary file, fsync, rename, fsync of the folder. A kill or
+    a power loss leaves the previous file (or none), never half of one or an empty one (a rename can
+    reach the disk before the data it names unless the data is synced first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, **payload}, partial)
+    with open(partial, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    save_durably({"format": FORMAT, **payload}, Path(path))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -37,7 +50,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"model.checkpoint {str(path)!r}: no such file; write one with `cl pretrain FILE`") from None
     except Exception as exc:  # truncated zip, not a torch file, unpicklable content
         raise UserError(f"model.checkpoint {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120]}); it may be truncated: write it again") from None
+                        f"{(str(exc).strip().splitlines() or ['empty'])[0][:120]}); it may be truncated: write it again") from None
     if not isinstance(blob, dict):
         raise UserError(f"model.checkpoint {str(path)!r} holds a {type(blob).__name__}, not a state dict")
     return blob

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cl.checkpoints import save_durably
 from cl.errors import UserError
 from cl.params import changes, flatten
 
@@ -96,23 +96,12 @@ class RunCheckpoint:
 
     def save(self, experiences_done: int, strategy: Any, evaluator: Any, loss_monitor: Any,
              seconds: float, eval_seconds: float) -> None:
-        """Write the checkpoint atomically: temporary file, fsync, rename, fsync of the folder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint atomically and durably (`save_durably`)."""
         payload = {"format": FORMAT, "identity": self.identity, "experiences_done": experiences_done,
                    "strategy": strategy.state_dict(), "evaluator": evaluator.state_dict(),
                    "loss_monitor": loss_monitor.state_dict(), "rng": _global_rng_state(),
                    "seconds": seconds, "eval_seconds": eval_seconds}
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, self.path)
-        folder = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        save_durably(payload, self.path)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is no checkpoint; a UserError for an unreadable one or

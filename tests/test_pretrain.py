@@ -71,6 +71,7 @@ def test_a_timm_format_state_dict_loads_without_its_head(tmp_path):
 @pytest.mark.parametrize("problem, message", [
     ("missing", "no such file; write one with `cl pretrain FILE`"),
     ("truncated", "is not a readable checkpoint"),
+    ("empty", "is not a readable checkpoint (EOFError: empty); it may be truncated"),  # was an IndexError
     ("mismatched", "does not fit the configured [model]: cls_token has shape [1, 1, 8], the model [1, 1, 16]"),
 ])
 def test_bad_checkpoints_are_one_line_errors_before_anything_is_stored(problem, message, run_tiny, tiny_raw,
@@ -82,6 +83,8 @@ def test_bad_checkpoints_are_one_line_errors_before_anything_is_stored(problem, 
         torch.save(source.state_dict(), path)
         if problem == "truncated":
             path.write_bytes(path.read_bytes()[:200])
+        if problem == "empty":  # what a crash between the rename and the data reaching the disk leaves
+            path.write_bytes(b"")
     raw = tiny_raw(model={**SMALL_VIT, "checkpoint": str(path)}, strategies=[{"name": "naive"}])
     result = run_tiny(raw)
     assert result.rc == 2

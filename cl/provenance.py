@@ -22,7 +22,8 @@ CHECKOUT = Path(cl.__file__).resolve().parent.parent
 
 @functools.cache
 def git_commit(root: Path = CHECKOUT) -> str | None:
-    """The checkout's commit, or None outside a git checkout.
+    """The checkout's commit, or None unless `root` is the top of a git checkout (a package installed
+    into a virtual environment inside some other repository is not that repository's code).
 
     Uncommitted changes to tracked Python files add `-dirty.` and 8 hex digits of a hash of their
     diff, so that two different uncommitted states of the code are two versions: a run's record says
@@ -31,6 +32,9 @@ def git_commit(root: Path = CHECKOUT) -> str | None:
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=10)
     try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.decode().strip()).resolve() != Path(root).resolve():
+            return None
         head = git("rev-parse", "HEAD")
         diff = git("diff", "HEAD", "--no-ext-diff", "--", "*.py")
     except (OSError, subprocess.TimeoutExpired):

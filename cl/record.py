@@ -143,6 +143,15 @@ class RunRecord:
                 if (value is not None or part_name == "budgets") and (
                         isinstance(value, bool) or not isinstance(value, (int, float))):
                     refuse(f"{part_name}.{f.name}", value, "a number")
+        for f in dataclasses.fields(self.budgets):  # counts and seconds; the tables divide by stacked_runs
+            value = getattr(self.budgets, f.name)
+            if not math.isfinite(value) or value < (1 if f.name == "stacked_runs" else 0):
+                refuse(f"budgets.{f.name}", value, "at least 1" if f.name == "stacked_runs" else "a number >= 0")
+        if not isinstance(self.budgets.stacked_runs, int):
+            refuse("budgets.stacked_runs", self.budgets.stacked_runs, "an integer")
+        if self.failure is not None and (not isinstance(self.failure, dict)
+                                         or not {"experience", "step", "reason"} <= self.failure.keys()):
+            refuse("failure", self.failure, "null or a table with experience, step and reason")
         for key in ("code_version", "device"):
             if not isinstance(self.provenance.get(key), str):
                 refuse(f"provenance.{key}", self.provenance.get(key), "a string")

@@ -10,6 +10,7 @@ with the same key, so a run is stored completely or not at all.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,7 +92,12 @@ class ResultStore:
             self.spill_dir = home / "unsaved"  # runs the store refused (cl import)
             # Unfinished runs (cl run --resume), one folder per store: two stores side by side (two
             # processes running one experiment into each) must not share checkpoint files.
-            self.checkpoint_root = home / "checkpoints" / (database.stem if database is not None else "default")
+            # Named by the whole file name (cl.db and cl.sqlite are two stores), or for a server by a hash
+            # of its URL without the password: they used to share results/checkpoints/default.
+            self.checkpoint_root = home / "checkpoints" / (database.name if database is not None else
+                                                           f"{parsed.get_backend_name()}-" + hashlib.sha256(
+                                                               parsed.render_as_string(hide_password=True).encode()
+                                                           ).hexdigest()[:12])
             if must_exist:  # a reading command never writes into a database it did not make
                 if not sa.inspect(self.engine).has_table("runs"):
                     raise UserError(f"{url!r} holds no cl result store (it has no table 'runs'); check --store")

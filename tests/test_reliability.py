@@ -297,7 +297,7 @@ def test_an_interrupted_invocation_resumes_to_the_same_results_bit_for_bit(cli, 
     assert {r["strategy"]: r["id"] for r in ResultStore(parts).list_runs() if r["strategy"] in ids_before} \
         == ids_before  # finished runs keep their ids
     assert not any((tmp_path / "checkpoints").rglob("*.pt"))  # removed once stored
-    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == ["parts", "whole"]  # no empty run folders
+    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == ["parts.db", "whole.db"]  # no empty run folders
 
 
 def test_a_resumed_joint_run_still_gets_the_check_of_its_only_evaluation(cli, tiny_raw, write_experiment, tmp_path,

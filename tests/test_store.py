@@ -322,6 +322,23 @@ def test_each_uncommitted_state_of_the_python_code_is_a_version_of_its_own(tmp_p
     cl.provenance.git_commit.cache_clear()
 
 
+def test_a_package_inside_another_repository_has_no_commit(tmp_path):
+    """cl installed into a .venv inside the user's own repository: git found that repository's commit,
+    so every commit to the user's project changed the code version (and the README diff missed cl's)."""
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    (site / "cl").mkdir(parents=True)
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "user's project"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    cl.provenance.git_commit.cache_clear()
+    try:
+        assert cl.provenance.git_commit(site) is None
+        assert len(cl.provenance.git_commit(tmp_path)) == 40
+    finally:
+        cl.provenance.git_commit.cache_clear()
+
+
 def test_same_seed_gives_identical_matrix(tiny_raw, record):
     again = run_tiny(tiny_raw())
     assert again.matrix == record.matrix  # exact, on the CPU
@@ -371,6 +388,11 @@ def test_a_store_locked_at_opening_is_one_line_that_says_what_to_do(tmp_path):
     (lambda d: d["metrics"].update(acc=[0.5]), "metrics.acc must be a number"),
     (lambda d: d.update(metrics=None), "not a run kept by cl"),
     (lambda d: d.update(matrix="0.5"), "matrix must be list"),
+    # the tables divide by stacked_runs: 0 was a ZeroDivisionError traceback after the import
+    (lambda d: d["budgets"].update(stacked_runs=0), "budgets.stacked_runs must be at least 1, got '0'"),
+    (lambda d: d["budgets"].update(stacked_runs=1.5), "budgets.stacked_runs must be an integer"),
+    (lambda d: d["budgets"].update(train_seconds=-3.0), "budgets.train_seconds must be a number >= 0"),
+    (lambda d: d.update(failure={"reason": "x"}), "failure must be null or a table with experience, step and reason"),
 ])
 def test_importing_a_hand_edited_record_names_the_field(edit, message, tmp_path, rec):
     """cl import reads files a user may have edited: a wrong type is one line naming the field, and nothing
@@ -385,3 +407,10 @@ def test_importing_a_hand_edited_record_names_the_field(edit, message, tmp_path,
     assert store.list_runs() == []
     path.write_text(json.dumps(rec.to_json()))
     assert store.get(store.import_file(path)).seed == rec.seed
+
+
+def test_two_stores_in_one_folder_keep_their_checkpoints_apart(tmp_path):
+    """cl.db and cl.sqlite side by side shared checkpoints/cl: finishing a run in one removed the other's."""
+    db, sqlite = (ResultStore(f"sqlite:///{tmp_path}/cl.{suffix}") for suffix in ("db", "sqlite"))
+    assert db.checkpoint_root == tmp_path / "checkpoints" / "cl.db"
+    assert sqlite.checkpoint_root == tmp_path / "checkpoints" / "cl.sqlite"

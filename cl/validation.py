@@ -65,12 +65,17 @@ def validation_scenario(scenario: Scenario, fraction: float, seed: int) -> Scena
         if key not in parts:
             train_index, val_index = stratified_split(exp.y, fraction, generator)
             if len(val_index) == 0:
-                raise UserError(f"validation.fraction = {fraction} holds out no sample of experience {exp.id + 1} "
-                                f"({len(exp)} samples); raise validation.fraction")
+                # stratified_split holds out at least one sample of every class that has two or more
+                raise UserError(f"experience {exp.id + 1} has a single training sample of each of its classes "
+                                f"({len(exp)} samples), so [validation] can hold none out at any fraction; it "
+                                f"needs at least 2 samples per class (more training samples per experience)")
             parts[key] = (exp.x[train_index], exp.y[train_index], exp.x[val_index], exp.y[val_index])
         x_train, y_train, x_val, y_val = parts[key]
         train.append(dataclasses.replace(exp, x=x_train, y=y_train))
         held_out.append(dataclasses.replace(exp, x=x_val, y=y_val))
     description = {**scenario.description, "evaluated_on": "validation", "validation_fraction": fraction,
                    "validation_sizes": [len(e) for e in held_out]}
+    if "experiences" in description:  # the sizes trained on and evaluated on, after the split
+        description["experiences"] = [{**d, "n_train": len(tr), "n_test": len(va)} for d, tr, va
+                                      in zip(description["experiences"], train, held_out)]
     return dataclasses.replace(scenario, train=train, test=held_out, description=description)

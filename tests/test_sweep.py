@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,8 +92,11 @@ def test_validation_scenario_replaces_the_test_stream_and_keeps_shared_data_shar
     y = torch.tensor([0, 1] * 10)
     train = [Experience(i, x, y, i, torch.tensor([0, 1])) for i in range(3)]  # one stored copy, 3 views
     test = [Experience(i, x[:4], y[:4], i, torch.tensor([0, 1])) for i in range(3)]
-    scenario = Scenario(train, test, 2, "domain-il", False, {"name": "toy"})
+    described = [{"classes": [0, 1], "n_train": 20, "n_test": 4}] * 3
+    scenario = Scenario(train, test, 2, "domain-il", False, {"name": "toy", "experiences": described})
     carved = validation_scenario(scenario, 0.3, seed=7)
+    # the record's description gives the sizes trained and evaluated on (it kept 20 and 4)
+    assert carved.description["experiences"] == [{"classes": [0, 1], "n_train": 14, "n_test": 6}] * 3
     assert [len(e) for e in carved.train] == [14] * 3 and [len(e) for e in carved.test] == [6] * 3
     assert all(e.x is carved.train[0].x for e in carved.train)  # still one copy
     held = set(carved.test[0].x[:, 0].tolist())
@@ -100,6 +104,16 @@ def test_validation_scenario_replaces_the_test_stream_and_keeps_shared_data_shar
     assert sorted(carved.test[0].y.tolist()) == [0, 0, 0, 1, 1, 1]  # stratified
     assert carved.description["evaluated_on"] == "validation" and scenario.test[0] is test[0]
     assert set(validation_scenario(scenario, 0.3, seed=8).test[0].x[:, 0].tolist()) != held
+
+
+def test_a_validation_split_of_one_sample_per_class_says_no_fraction_can_help():
+    x, y = torch.zeros(4, 2), torch.tensor([0, 1, 2, 3])
+    scenario = Scenario([Experience(0, x, y, 0, torch.arange(4))], [Experience(0, x, y, 0, torch.arange(4))], 4,
+                        "class-il", False, {"name": "toy"})
+    for fraction in (0.1, 0.9):  # it used to say "raise validation.fraction", which changes nothing here
+        with pytest.raises(UserError, match=re.escape("experience 1 has a single training sample of each of its "
+                                                      "classes (4 samples), so [validation] can hold none out")):
+            validation_scenario(scenario, fraction, seed=0)
 
 
 # ---------------------------------------------------------------- the search space

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl.errors import UserError
+from cl.errors import UserError, first_line
 
 FORMAT = "cl-pretrained-backbone/1"
 
@@ -50,7 +50,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"model.checkpoint {str(path)!r}: no such file; write one with `cl pretrain FILE`") from None
     except Exception as exc:  # truncated zip, not a torch file, unpicklable content
         raise UserError(f"model.checkpoint {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or ['empty'])[0][:120]}); it may be truncated: write it again") from None
+                        f"{(first_line(exc) or 'empty')[:120]}); it may be truncated: write it again") from None
     if not isinstance(blob, dict):
         raise UserError(f"model.checkpoint {str(path)!r} holds a {type(blob).__name__}, not a state dict")
     return blob

@@ -7,6 +7,11 @@ carry a message that names the problem and how to fix it.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none, as EOFError from torch.load)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 class UserError(Exception):
     """Bad input: unknown name, wrong parameter, missing file, corrupt checkpoint."""
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from cl.strategy import ModelSpec
+from cl.training import TrainingParams, is_frozen
 
 BYTES = 4  # float32 weights and gradients
 
@@ -31,16 +31,17 @@ def meta_model(model: ModelSpec) -> nn.Module:
         return model.build()
 
 
-def parameter_counts(model: ModelSpec, frozen: Callable[[str], bool]) -> tuple[int, int]:
-    """(all, not frozen) parameters of the configured backbone, counted without allocating them."""
+def parameter_counts(model: ModelSpec, training: TrainingParams) -> tuple[int, int]:
+    """(all, trained) parameters of the configured backbone, counted without allocating them; trained:
+    those that require gradients and `training.freeze` leaves alone."""
     try:
-        named = [(name, p.numel() if p.requires_grad else 0, p.numel())
-                 for name, p in meta_model(model).named_parameters()]
+        named = list(meta_model(model).named_parameters())
     except RuntimeError as exc:  # sizes whose product overflows: certainly too large
         if "overflow" in str(exc):
             return 2**63 - 1, 0
         raise
-    return sum(n for _, _, n in named), sum(n for name, n, _ in named if not frozen(name))
+    return (sum(p.numel() for _, p in named),
+            sum(p.numel() for name, p in named if p.requires_grad and not is_frozen(name, training)))
 
 
 def lower_bound(weights: int, gradients: int, stored_samples: int, sample_bytes: int) -> tuple[int, str]:

@@ -21,7 +21,7 @@ from cl import threads
 from cl.config import Component, ExperimentConfig
 from cl.data import LabelledData, Scenario, StreamInfo
 from cl.divergence import Diverged, LossMonitor, learned_nothing
-from cl.errors import Pruned, RunError, UserError
+from cl.errors import Pruned, RunError, UserError, first_line
 from cl.evaluation import Evaluator
 from cl.footprint import available_bytes, gib, lower_bound, meta_model, parameter_counts
 from cl.metrics import compute_metrics
@@ -33,7 +33,7 @@ from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 from cl.stacking import StackedRuns, graph_problem, stacking_problem
 from cl.store import ResultStore
 from cl.strategy import ModelSpec, Strategy, StrategyContext
-from cl.training import ComputeCount, check_prefixes, is_frozen
+from cl.training import ComputeCount, check_prefixes
 from cl.transforms import InputPipeline, channel_statistics
 from cl.validation import validation_scenario
 
@@ -119,8 +119,7 @@ def check_compatibility(config: ExperimentConfig, scenario: Scenario, pipeline: 
     stream = scenario.stream_info(pipeline.output_shape)
     model = model_spec(config, stream)
     available = available_bytes(pipeline.device)
-    weights, trained = (parameter_counts(model, lambda name: is_frozen(name, config.training))
-                        if available is not None else (0, 0))
+    weights, trained = parameter_counts(model, config.training) if available is not None else (0, 0)
     sample_bytes = math.prod(scenario.input_shape) * scenario.train[0].x.element_size()  # as buffers store them
     prefix_problem = None  # a freeze or lr_scale prefix that matches none of the backbone's parameters
     if config.training.freeze or config.training.lr_scale:
@@ -195,7 +194,7 @@ def majority_share(exp) -> float:
 
 def failure_reason(exc: BaseException) -> str:
     """One line saying why a run stopped (the traceback is kept in the record)."""
-    text = (str(exc).strip().splitlines() or [""])[0]
+    text = first_line(exc)
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in text.lower():
         return (f"out of memory ({type(exc).__name__}: {text}); lower training.batch_size, "
                 f"training.eval_batch_size or the strategy's buffer sizes")

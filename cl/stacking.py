@@ -53,6 +53,7 @@ from torch import nn
 
 from cl.data import Experience
 from cl.divergence import Diverged
+from cl.errors import first_line
 from cl.gradients import grad_or_zeros
 from cl.graphs import StepGraphs
 from cl.mapped import ModuleSlots, batched, unbatched, vmap_level
@@ -420,7 +421,7 @@ class StackedRuns:
                     setattr(template, name, _leafwise(lambda t: batched(t[0], level), [value]))
                 yield level
             except RuntimeError as exc:
-                first = (str(exc).strip().splitlines() or [""])[0]
+                first = first_line(exc)
                 if "vmap" not in first:
                     raise
                 raise RuntimeError(f"{type(template).__name__}.{method} broke a rule of stacked runs: {first[:300]}; "

@@ -69,6 +69,16 @@ def sqlite_file(url: sa.engine.URL) -> Path | None:
     return Path(database)
 
 
+def _checkpoint_folder(url: sa.engine.URL, database: Path | None) -> str:
+    """The store's own checkpoint folder name: the whole file name (cl.db and cl.sqlite are two stores),
+    for a server its backend and a hash of its URL without the password (every server store used to
+    share one folder, "default")."""
+    if database is not None:
+        return database.name
+    digest = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()
+    return f"{url.get_backend_name()}-{digest[:12]}"
+
+
 class ResultStore:
     def __init__(self, url: str = DEFAULT_STORE, must_exist: bool = False, busy_timeout: float = 60.0):
         """Open (and create, unless `must_exist`: the reading commands never create a store at a
@@ -92,12 +102,7 @@ class ResultStore:
             self.spill_dir = home / "unsaved"  # runs the store refused (cl import)
             # Unfinished runs (cl run --resume), one folder per store: two stores side by side (two
             # processes running one experiment into each) must not share checkpoint files.
-            # Named by the whole file name (cl.db and cl.sqlite are two stores), or for a server by a hash
-            # of its URL without the password: they used to share results/checkpoints/default.
-            self.checkpoint_root = home / "checkpoints" / (database.name if database is not None else
-                                                           f"{parsed.get_backend_name()}-" + hashlib.sha256(
-                                                               parsed.render_as_string(hide_password=True).encode()
-                                                           ).hexdigest()[:12])
+            self.checkpoint_root = home / "checkpoints" / _checkpoint_folder(parsed, database)
             if must_exist:  # a reading command never writes into a database it did not make
                 if not sa.inspect(self.engine).has_table("runs"):
                     raise UserError(f"{url!r} holds no cl result store (it has no table 'runs'); check --store")

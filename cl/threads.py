@@ -8,7 +8,8 @@ against 3.6-4.1 s when each used one thread.
 
 So by default the cores are shared out among the `cl` processes running on the
 machine. Each process registers itself (a file named after its process id in a
-folder under the system's temporary directory) and, at the start of every
+folder under the system's temporary directory, holding the process's start
+time so that a later process given the same id is not taken for it) and, at the start of every
 experience, takes max(1, cores // live cl processes) threads. A process that
 starts alone keeps every core; when others start, it gives cores up at its next
 experience. `--threads N` fixes the count instead, and so does OMP_NUM_THREADS
@@ -40,8 +41,20 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot: field 22 of /proc/PID/stat), or None where
+    /proc does not say. With the id it names one process: an id is reused only after its process ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # after the command name, which may hold spaces
+
+
 def live_processes() -> int:
-    """Registered cl processes that are still running (this one included); stale entries are removed."""
+    """Registered cl processes that are still running (this one included); stale entries are removed:
+    those of processes that ended, and those whose id now belongs to a process started later (a cl
+    process killed with SIGKILL leaves its entry behind)."""
     alive = 0
     for entry in REGISTRY.glob("*"):
         try:
@@ -51,12 +64,27 @@ def live_processes() -> int:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            entry.unlink(missing_ok=True)
+            _forget(entry)
             continue
         except PermissionError:  # another user's process: alive
             pass
+        try:
+            registered = entry.read_text().strip()
+        except OSError:
+            registered = ""
+        now = started(pid)
+        if registered and now is not None and registered != now:  # the id was given to another process
+            _forget(entry)
+            continue
         alive += 1
     return max(alive, 1)
+
+
+def _forget(entry: Path) -> None:
+    try:
+        entry.unlink(missing_ok=True)
+    except OSError:  # another user's entry in the sticky folder: that user's processes remove it
+        pass
 
 
 def share() -> int:
@@ -85,7 +113,7 @@ def claim(requested: int | None = None) -> int:
             folder = REGISTRY.stat()
             if folder.st_uid == os.getuid() and folder.st_mode & 0o1777 != 0o1777:
                 REGISTRY.chmod(0o1777)  # other users' cl processes register here too
-            entry.touch()
+            entry.write_text(started(os.getpid()) or "")
         except OSError as exc:
             n = share()
             print(f"cl: cannot register in {REGISTRY} ({exc.strerror}), so this process does not share cores "

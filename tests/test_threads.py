@@ -47,6 +47,33 @@ def test_cores_are_shared_among_live_processes_and_dead_ones_are_forgotten(regis
     assert threads.share() == 1  # more processes than cores: one thread each, never zero
 
 
+@pytest.mark.skipif(threads.started(os.getpid()) is None, reason="no /proc: entries cannot name start times")
+def test_an_entry_whose_id_now_belongs_to_a_later_process_is_stale(registry):
+    """A cl process killed with SIGKILL leaves its entry; a later process given its id is not a cl process."""
+    (registry / str(os.getpid())).write_text(threads.started(os.getpid()))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        entry = registry / str(sleeper.pid)
+        entry.write_text(str(int(threads.started(sleeper.pid)) - 1))  # the killed process started earlier
+        assert threads.live_processes() == 1 and not entry.exists()
+        entry.write_text(threads.started(sleeper.pid))  # its own entry
+        assert threads.live_processes() == 2
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_claim_registers_the_start_time_of_this_process(registry, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_registered", None)
+    try:
+        threads.claim(1)
+        assert (registry / str(os.getpid())).read_text() == (threads.started(os.getpid()) or "")
+    finally:
+        threads.release()
+        torch.set_num_threads(before)
+
+
 def test_claim_sets_torch_threads_and_a_requested_count_is_kept(registry, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(threads, "_registered", None)

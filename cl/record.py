@@ -42,7 +42,8 @@ class Budgets:
     eval_forward_samples: int
     scenario_bytes: int  # the scenario's data on the device (shared data counted once)
     # Runs trained together as one stacked model (cl/stacking.py), this one included; their wall and
-    # train times are the group's, so one run's share is wall_seconds / stacked_runs.
+    # train times are the group's (train: wall less every member's evaluation), so one run's share is
+    # wall_seconds / stacked_runs; eval_seconds is this run's own.
     stacked_runs: int = 1
 
 

@@ -240,7 +240,7 @@ class Run:
         self.evaluator = Evaluator(scenario, config.training.eval_batch_size)
         self.checkpoint = RunCheckpoint(checkpoints, self.identity) if checkpoints is not None else None
         self.done, self.earlier_seconds, self.eval_seconds = 0, 0.0, 0.0  # experiences done before this process
-        self.stacked_with = 1  # runs trained together with this one (itself included): they share its wall time
+        self.group: list[Run] = [self]  # runs trained together with this one (itself included): one wall time
         self.status, self.failure, self.current = "completed", None, 0  # current: 1-based experience
         self.strategy: Strategy | None = None  # None when building it failed (the run is then `failed`)
         with self.recording():  # a plugin's bug in __init__, build_model or setup fails this run only
@@ -257,6 +257,10 @@ class Run:
         # Rule 3 of cl/divergence.py applies at the first evaluation after training; a joint run checkpoints
         # experiences it has not evaluated, so a resumed one may still be before it.
         self.first_evaluation = not np.isfinite(self.evaluator.matrix[1:]).any()
+
+    @property
+    def stacked_with(self) -> int:
+        return len(self.group)
 
     @property
     def name(self) -> str:
@@ -327,6 +331,8 @@ class Run:
     def record(self) -> RunRecord:
         config, component, scenario, strategy = self.config, self.component, self.scenario, self.strategy
         wall = self.seconds()
+        # The group's wall time went into every member's evaluations and their shared training.
+        train = wall - sum(run.eval_seconds for run in self.group)
         evaluator, identity = self.evaluator, self.identity
         task_il = evaluator.task_il_matrix
         completed = self.status == "completed"
@@ -341,7 +347,7 @@ class Run:
             matrix=_jsonable(evaluator.matrix), task_il_matrix=_jsonable(task_il) if task_il is not None else None,
             metrics=Metrics(**compute_metrics(evaluator.matrix)) if completed else Metrics.unmeasured(),
             task_il_metrics=Metrics(**compute_metrics(task_il)) if completed and task_il is not None else None,
-            budgets=Budgets(wall_seconds=wall, train_seconds=wall - self.eval_seconds, eval_seconds=self.eval_seconds,
+            budgets=Budgets(wall_seconds=wall, train_seconds=train, eval_seconds=self.eval_seconds,
                             memory_bytes=strategy.memory_bytes() if built else 0,
                             model_bytes=strategy.model_bytes() if built else 0,
                             forward_samples=compute.forward_samples, backward_samples=compute.backward_samples,
@@ -411,7 +417,7 @@ def train_together(runs: list[Run], progress: bool = True, graphs: bool = False,
     (diverged, failed, pruned) leaves the stack; the others go on. Their members may differ in the
     strategy's float parameters and in the learning-rate-like training parameters (cl/stacking.py)."""
     for run in runs:
-        run.stacked_with = len(runs)  # trained in lockstep, they share one wall time
+        run.group = runs  # trained in lockstep, they share one wall time
         if run.running:  # not when its strategy could not be built
             with run.recording():
                 run.begin()

@@ -160,6 +160,13 @@ def test_run_experiment_stacks_seeds_and_stores_each_run(tmp_path):
         assert s.budgets.stacked_runs == (1 if s.strategy == "gem" else 3)
         assert s.headline()["wall_seconds"] == pytest.approx(s.budgets.wall_seconds / s.budgets.stacked_runs)
         assert a.budgets.stacked_runs == 1
+        assert a.budgets.train_seconds == pytest.approx(a.budgets.wall_seconds - a.budgets.eval_seconds)
+    for label in ("er", "joint", "cumulative"):  # the group's training: its wall time less every evaluation
+        group = [s for s in stacked if s.strategy == label]
+        evaluations = sum(s.budgets.eval_seconds for s in group)
+        for s in group:
+            assert 0 < s.budgets.train_seconds == pytest.approx(s.budgets.wall_seconds - evaluations)
+    for s, a in zip(stacked, alone):
         assert np.nanmax(np.abs(np.array(s.matrix, dtype=float) - np.array(a.matrix, dtype=float))) <= 0.01
         assert (s.budgets.forward_samples, s.budgets.backward_samples, s.budgets.memory_bytes) == \
             (a.budgets.forward_samples, a.budgets.backward_samples, a.budgets.memory_bytes)

@@ -215,6 +215,8 @@ class HNET(Strategy):
         self.log("output_distance", regulariser.detach())
 
     def after_step(self, batch: Batch, out: StepOutput) -> None:
+        if self.training.grad_clip_norm > 0:  # the step clipped theta_h's gradient; the embedding's own too
+            nn.utils.clip_grad_norm_([self.hnet.task_embeddings[self.current]], self.training.grad_clip_norm)
         self.embedding_optimizer.step()
         self.embedding_optimizer.zero_grad(set_to_none=True)
 

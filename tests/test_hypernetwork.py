@@ -93,6 +93,28 @@ def test_finished_task_embeddings_are_frozen_and_have_their_own_optimizer():
     assert in_main == {id(p) for p in strategy.hnet.theta().values()}
 
 
+def test_grad_clip_norm_clips_the_task_embeddings_gradient_too():
+    clip = 1e-3
+    cfg = digits_experiment([small_hnet()], n_experiences=2, epochs=1, grad_clip_norm=clip, **ADAM)
+    strategy, scenario = strategy_for(cfg)
+    norms = []
+    original = strategy.begin_experience
+
+    def begin_experience(exp):
+        original(exp)
+        step = strategy.embedding_optimizer.step
+        embedding = strategy.hnet.task_embeddings[strategy.current]
+
+        def recorded_step():
+            norms.append(float(embedding.grad.norm()))
+            return step()
+        strategy.embedding_optimizer.step = recorded_step
+
+    strategy.begin_experience = begin_experience
+    strategy.fit(scenario.train[0])
+    assert len(norms) == strategy.step and max(norms) <= clip * (1 + 1e-5)
+
+
 def test_candidate_step_is_the_step_the_optimizer_takes_and_changes_nothing():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5))

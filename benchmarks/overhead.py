@@ -60,13 +60,16 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
         model = MODELS.get("mlp").obj(cfg.model.params, scenario.input_shape, scenario.n_classes, 1).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.training.lr)
     gen = torch.Generator(device=device)
     gen.manual_seed(strategy_seed)
-    capacity, n_seen = 500, 0
+    batch_size = cfg.training.batch_size
+    capacity, replayed = (cfg.strategies[0].params.buffer_size, cfg.strategies[0].params.replay_batch_size) \
+        if replay else (0, 0)
+    n_seen = 0
     buf_x = torch.zeros((capacity + 1, *scenario.input_shape), dtype=torch.uint8, device=device)
     buf_y = torch.zeros(capacity + 1, dtype=torch.long, device=device)
-    arange10 = torch.arange(10, device=device)
+    arange = torch.arange(batch_size, device=device)
     seen = torch.zeros(scenario.n_classes, dtype=torch.bool, device=device)
     rows = []
 
@@ -89,11 +92,11 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
 
     evaluate(0)
     for exp in scenario.train:
-        for idx in torch.randperm(len(exp), generator=gen, device=device).split(10):
+        for idx in torch.randperm(len(exp), generator=gen, device=device).split(batch_size):
             raw, y = exp.x.index_select(0, idx), exp.y.index_select(0, idx)
             x = raw.float().div_(255)
             if replay and n_seen > 0:
-                j = torch.randperm(min(n_seen, capacity), generator=gen, device=device)[:10]
+                j = torch.randperm(min(n_seen, capacity), generator=gen, device=device)[:replayed]
                 x_all = torch.cat([x, buf_x.index_select(0, j).float().div_(255)])
                 y_all = torch.cat([y, buf_y.index_select(0, j)])
             else:
@@ -113,7 +116,7 @@ def bare_loop(cfg, scenario, device, seed: int, replay: bool) -> list[list[float
                         if slot < capacity:
                             buf_x[slot], buf_y[slot] = raw[i], y[i]
                 else:  # on a GPU, tensor operations (no host synchronisation), as cl.buffers
-                    offsets = arange10[:b]
+                    offsets = arange[:b]
                     g = offsets + n_seen
                     r = (torch.rand(b, generator=gen, device=device, dtype=torch.float64) * (g + 1)).long()
                     slot = torch.where(g < capacity, g, r)

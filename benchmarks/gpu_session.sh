@@ -11,13 +11,15 @@
 #   1. the CUDA-marked tests (graphs against eager, stacked against alone, CUDA against the CPU),
 #   2. benchmarks/overhead.py --device cuda: eager, stacked and graphed rows against the bare loop,
 #   3. the quickstart with --cuda-graphs, whose target on an H100 is under 8 s for its 9 runs.
-# Each check's output goes to $OUT/<check>.log (or gpu-logs/ when OUT is unset). Not here: the Avalanche
+# Each check's output goes to $OUT/<check>.log (or gpu-logs/ when OUT is unset); `run` exits 1 when a
+# check failed or ran past its limit, after running the others. Not here: the Avalanche
 # comparison (avalanche-lib and its dependencies would have to travel as wheels too).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 WHEELS="optuna==5.0.0 alembic==1.20.1 Mako==1.4.3 colorlog==6.12.0 SQLAlchemy==2.1.9 tomli_w==1.2.0 \
-mlxtend==0.25.0 mnist1d==0.0.2.post1 quadprog==0.1.14"
+mlxtend==0.25.0 mnist1d==0.0.2.post1 quadprog==0.1.14 \
+pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 packaging==26.4 Pygments==2.21.0"
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 prepare() {
@@ -41,11 +43,12 @@ check() {  # NAME SECONDS COMMAND...: one check under its limit, its output in $
     local rc=$?
     tail -n 25 "$LOGS/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start))s"
+    [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
 }
 
 run() {
     [ -d .gpu/whl ] || { echo "gpu_session: error: no .gpu/whl; run 'prepare' here first and carry .gpu" >&2; exit 1; }
-    LOGS=${OUT:-gpu-logs}
+    LOGS=${OUT:-gpu-logs} FAILED=""
     mkdir -p "$LOGS"
     export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -59,6 +62,7 @@ run() {
         --data-dir .gpu/fashion-mnist
     check quickstart 120 python3 -m cl.cli run experiments/quickstart.toml --device cuda --cuda-graphs \
         --data-dir .gpu/fashion-mnist --store sqlite:////tmp/gpu-quickstart.db --no-progress
+    [ -z "$FAILED" ] || { echo "gpu_session: failed:$FAILED (logs in $LOGS)" >&2; exit 1; }
 }
 
 case "${1:-}" in

@@ -51,8 +51,9 @@ def label_variants(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(variants) > 1:
             own = variant(r)
             keys = set().union(*variants)
-            differing = sorted(k for k in keys if len({json.dumps(v.get(k)) for v in variants}) > 1)
-            settings = ", ".join(f"{k}={own.get(k)}" for k in differing)
+            # a parameter absent from older records differs from one stored as None
+            differing = sorted(k for k in keys if len({(k in v, json.dumps(v.get(k))) for v in variants}) > 1)
+            settings = ", ".join(f"{k}={own[k]}" if k in own else f"without {k}" for k in differing)
             r = {**r, "strategy": f"{r['strategy']} ({settings})"}
         out.append(r)
     return out
@@ -78,9 +79,11 @@ def comparison_table(rows: list[dict[str, Any]], setting: str) -> tuple[list[str
 
 
 def count(n: float) -> str:
-    """1234567 -> '1.2M'."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
+    """1234567 -> '1.2M'. A count that would read 1000 of one unit takes the next: 999960 -> '1.0M',
+    not '1000.0k'."""
+    units = (("G", 1e9, 1), ("M", 1e6, 1), ("k", 1e3, 1), ("", 1.0, 0))
+    for (unit, size, _), (_, below, digits) in zip(units, units[1:]):
+        if n >= size or round(n / below, digits) >= 1000:
             return f"{n / size:.1f}{unit}"
     return f"{n:.0f}"
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cl.leaderboard import generate
+from cl.report import count, label_variants
 from cl.runner import build_scenario, load_datasets, run_one
 from cl.store import ResultStore
 from tests.helpers import digits_experiment
@@ -183,6 +184,22 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
     assert md.count("| naive | - | 1 |") == 2  # one seed per section, not one row of two seeds
     assert (f"Differs from the newest setup (newest -> this): code_version: {record.provenance['code_version']!r} "
             f"-&gt; 'cl-bench 0.0.1 (feedbeef)'") in md
+
+
+def test_a_parameter_missing_from_older_records_is_a_variant_of_its_own():
+    """Older records lack a parameter added later with the default None: still two variants, not averaged."""
+    base = {"strategy": "er", "strategy_name": "er", "strategy_package": None}
+    rows = label_variants([{**base, "params": {"buffer_size": 200}},
+                           {**base, "params": {"buffer_size": 200, "new_option": None}}])
+    assert [r["strategy"] for r in rows] == ["er (without new_option)", "er (new_option=None)"]
+    same = label_variants([{**base, "params": {"buffer_size": 200}}] * 2)
+    assert [r["strategy"] for r in same] == ["er", "er"]
+
+
+@pytest.mark.parametrize("n, shown", [(999.4, "999"), (999.6, "1.0k"), (999_960, "1.0M"), (1_234_567, "1.2M"),
+                                      (999_940_000, "999.9M"), (999_960_000, "1.0G"), (0, "0")])
+def test_sample_counts_choose_their_unit_after_rounding(n, shown):
+    assert count(n) == shown
 
 
 def test_one_label_with_two_strategies_or_package_versions_is_two_rows(tmp_path):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from cl.threads import cores
+from script import positive_int, run_script  # beside this script
 
 EXPERIMENT = """
 name = "concurrency"
@@ -47,9 +48,10 @@ name = "naive"
 def start(folder: Path, index: int, extra: list[str]) -> subprocess.Popen:
     cl = Path(sys.executable).with_name("cl")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return subprocess.Popen([str(cl), "run", str(folder / "exp.toml"), "--store",
-                             f"sqlite:///{folder / f'store{index}.db'}", "--no-progress", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    with open(folder / f"stderr{index}.txt", "w") as stderr:  # a file: a pipe read only at the end could fill
+        return subprocess.Popen([str(cl), "run", str(folder / "exp.toml"), "--store",
+                                 f"sqlite:///{folder / f'store{index}.db'}", "--no-progress", *extra],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
 
 
 def wave(folder: Path, n: int, extra: list[str]) -> list[float]:
@@ -64,7 +66,10 @@ def wave(folder: Path, n: int, extra: list[str]) -> list[float]:
                 walls[i] = time.perf_counter() - t0
                 pending.discard(i)
                 if procs[i].returncode != 0:
-                    raise SystemExit(f"cl run failed: {procs[i].stderr.read().strip()}")
+                    for other in procs:  # before the caller removes their folder
+                        other.kill()
+                        other.wait()
+                    raise SystemExit(f"cl run failed: {(folder / f'stderr{i}.txt').read_text().strip()}")
         time.sleep(0.05)
     for i in range(n):
         for db in folder.glob(f"store{i}.db*"):
@@ -74,8 +79,8 @@ def wave(folder: Path, n: int, extra: list[str]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cl-concurrency-"))
     (folder / "exp.toml").write_text(EXPERIMENT)
@@ -97,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from script import positive_int, run_script  # beside this script
+
 VARIANTS = ("cpu", "cuda", "cuda_tf32", "cuda_nocudnn")
 STRATEGIES = {"er": {"name": "er"}, "naive": {"name": "naive"}}
 
@@ -89,13 +91,20 @@ def grid(variants: list[str], seeds: list[int], strategies: list[str], jobs: int
                 continue
             got = json.loads(out.strip().splitlines()[-1])
             rows.extend(got)
-            print(" ".join(f"{r['variant']} seed {r['seed']} {r['strategy']}: ACC {r['acc']:.3f} "
-                           f"task-IL {r['task_il_acc']:.3f} ({r['seconds']:.0f}s);" for r in got), flush=True)
+            print(" ".join(f"{r['variant']} seed {r['seed']} {r['strategy']}: {outcome(r)} ({r['seconds']:.0f}s);"
+                           for r in got), flush=True)
         time.sleep(0.2)
     return rows
 
 
+def outcome(r: dict) -> str:
+    """A run's accuracies, or its status when it stopped (diverged, failed: no accuracy)."""
+    return f"ACC {r['acc']:.3f} task-IL {r['task_il_acc']:.3f}" if r["status"] == "completed" else r["status"]
+
+
 def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} +- {sd:.3f}"
 
@@ -109,9 +118,11 @@ def table(rows: list[dict]) -> str:
                          key=lambda r: r["seed"])
             if not sel:
                 continue
-            per_seed = ", ".join(f"{r['acc']:.3f}/{r['task_il_acc']:.3f}" for r in sel)
-            lines.append(f"| {variant} | {strategy} | {mean_sd([r['acc'] for r in sel])} | "
-                         f"{mean_sd([r['task_il_acc'] for r in sel])} | {per_seed} | "
+            done = [r for r in sel if r["status"] == "completed"]  # the means are over completed runs
+            per_seed = ", ".join(f"{r['acc']:.3f}/{r['task_il_acc']:.3f}" if r["status"] == "completed"
+                                 else r["status"] for r in sel)
+            lines.append(f"| {variant} | {strategy} | {mean_sd([r['acc'] for r in done])} | "
+                         f"{mean_sd([r['task_il_acc'] for r in done])} | {per_seed} | "
                          f"{statistics.median(r['seconds'] for r in sel):.1f} |")
     return "\n".join(lines)
 
@@ -121,8 +132,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per process")
+    parser.add_argument("--jobs", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads per process")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--one", nargs=3, metavar=("VARIANT", "SEED", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,6 +39,7 @@ from cl.config import load_experiment
 from cl.registry import MODELS
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 from cl.seeding import RUN_STREAMS, spawn_seeds
+from script import positive_int, run_script  # beside this script
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "gem_permuted_mnist5k.toml"
 MEMORY, MARGIN, RIDGE, LR, BATCH = 256, 0.5, 1e-3, 0.1, 10
@@ -147,8 +148,8 @@ def avalanche_gem(cfg, scenario, device, seed: int, bench) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tasks", type=int, default=20, help="number of permutations (the protocol: 20)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--tasks", type=positive_int, default=20, help="number of permutations (the protocol: 20)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-avalanche", action="store_true")
     parser.add_argument("--experiment", default=str(EXPERIMENT), help="a GEM-protocol experiment file with a gem entry")
@@ -199,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -38,6 +38,7 @@ from cl.config import build_experiment
 from cl.registry import MODELS
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one, run_stacked
 from cl.seeding import RUN_STREAMS, spawn_seeds
+from script import positive_int, run_script  # beside this script
 
 
 STRATEGIES = {"naive": {"name": "naive"}, "er": {"name": "er", "buffer_size": 500, "replay_batch_size": 10}}
@@ -142,7 +143,7 @@ def warm_up(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
@@ -211,4 +212,4 @@ def main() -> None:
                   f"{statistics.median(ours) / per_run:.2f}x | matrices within 0.01 of the runs alone", flush=True)
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from overhead import STRATEGIES, bare_loop, experiment, warm_up  # beside this script
+from script import positive_int, run_script
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -35,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strategy", default="naive", choices=list(STRATEGIES))
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--top", type=positive_int, default=15)
     args = parser.parse_args()
     device = resolve_device(args.device)
     # lr 0.05 so that this short run learns every experience (the divergence check stops one that does not).
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

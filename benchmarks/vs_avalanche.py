@@ -35,12 +35,14 @@ import torch
 
 from overhead import warm_up as warm_up_math  # beside this script
 from cl.config import build_experiment
-from cl.interop.avalanche import quiet, to_avalanche
+from cl.interop.avalanche import avalanche_module, quiet, to_avalanche
 from cl.runner import build_scenario, build_strategy, input_pipeline, load_datasets, resolve_device, run_one, \
     run_stacked
 from cl.stacking import stacking_problem
 from cl.registry import STRATEGIES
+from script import positive_int, run_script  # beside this script
 
+COMPARED = ("naive", "er", "gem", "agem", "lwf", "ewc")  # the strategies `pair` maps to Avalanche's
 PROTOCOLS = {
     "quickstart": {
         "dataset": {"name": "fashion_mnist"}, "scenario": {"name": "class_incremental", "n_experiences": 5},
@@ -113,12 +115,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocols", nargs="+", default=["quickstart", "gem"], choices=list(PROTOCOLS),
                         help="default quickstart gem (cnn: on request, for a GPU)")
-    parser.add_argument("--strategies", nargs="+", default=["naive", "er", "gem", "agem", "lwf", "ewc"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=list(COMPARED), choices=COMPARED)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--stack", type=int, default=3, help="seeds per stacked group (0: no stacked rows)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir")
-    parser.add_argument("--threads", type=int, help="compute threads of this process, both sides alike "
+    parser.add_argument("--threads", type=positive_int, help="compute threads of this process, both sides alike "
                                                      "(default: PyTorch's, one per core)")
     args = parser.parse_args()
     if args.threads is not None:
@@ -178,7 +180,7 @@ def warm_up(device: torch.device) -> None:
     """Pay the process's one-time costs before anything is timed, both sides alike: the math libraries,
     Avalanche's import (seconds), and torch.optim's first optimizer (it imports torch._dynamo, 1-2 s).
     Untimed, they fell on whichever side ran first in the first repetition of the first strategy."""
-    from avalanche import training  # noqa: F401
+    avalanche_module("avalanche.training")  # a one-line error when avalanche-lib is not installed
     from avalanche.evaluation.metrics import accuracy_metrics  # noqa: F401
 
     warm_up_math(device)
@@ -195,4 +197,4 @@ def _mean_sd(values: list[float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

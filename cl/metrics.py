@@ -37,7 +37,8 @@ Definitions (paper definitions, exactly)
       FWT = 1/(T-1) * sum_{j=2..T} (a[j-1, j] - a[0, j])
 
   i.e. accuracy on experience ``j`` after training up to ``j - 1`` (before
-  ``j`` is seen), minus the accuracy at init. Not ``a[j, j] - a[0, j]``.
+  ``j`` is seen), minus the accuracy at init. Not ``a[j, j] - a[0, j]``. The
+  official GEM code divides this sum by ``T`` too (its first term is zero).
 
 * Average forgetting (Chaudhry et al. 2018, "Riemannian Walk"), at the end of
   the stream ``k = T``::

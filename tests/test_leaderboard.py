@@ -186,6 +186,25 @@ def test_runs_of_other_code_versions_are_never_averaged_together(tmp_path):
             f"-&gt; 'cl-bench 0.0.1 (feedbeef)'") in md
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2)])
+def test_a_row_tied_with_any_of_several_best_means_is_tied_whatever_the_order(order):
+    # a and b share the best mean 0.8; a's interval is [0.8, 0.8], b's 0.8 +- 4.303 * 0.1 / 1.732 = [0.552, 1.048];
+    # c's [0.69, 0.79] overlaps b's only
+    made = [_row("a", [0.8, 0.8, 0.8]), _row("b", [0.7, 0.8, 0.9]), _row("c", [0.72, 0.74, 0.76])]
+    rows = [made[i] for i in order]
+    mark_best_and_ties(rows, [("acc", "ACC", 1)])
+    assert ["acc" in r.best for r in made] == [True, True, False] and made[2].tied
+
+
+def test_rows_of_one_seed_have_no_interval_to_be_tied_by():
+    single = [_row("a", [0.81]), _row("b", [0.8099]), _row("c", [0.70, 0.80, 0.90])]  # c: [0.552, 1.048]
+    mark_best_and_ties(single, [("acc", "ACC", 1)])
+    assert "acc" in single[0].best and not single[1].tied and not single[2].tied
+    wide_best = [_row("a", [0.70, 0.80, 0.95]), _row("b", [0.80])]
+    mark_best_and_ties(wide_best, [("acc", "ACC", 1)])
+    assert not wide_best[1].tied
+
+
 def test_a_parameter_missing_from_older_records_is_a_variant_of_its_own():
     """Older records lack a parameter added later with the default None: still two variants, not averaged."""
     base = {"strategy": "er", "strategy_name": "er", "strategy_package": None}

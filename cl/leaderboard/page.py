@@ -33,7 +33,7 @@ DEFINITIONS = [
     ("±", f"half-width of the {CONFIDENCE:.0%} Student-t interval over seeds (t with n-1 degrees of freedom "
           f"times the sample std over sqrt(n)); no interval with one seed"),
     ("bold", "the best mean in its column"),
-    ("≈", "tied: the ACC interval overlaps the interval of the best ACC"),
+    ("≈", "tied: the ACC interval overlaps the interval of the best ACC (rows of one seed have none)"),
 ]
 
 

@@ -159,7 +159,8 @@ def _rows(labelled: list[tuple[str, RunRecord]], experiment: str) -> list[Strate
 
 def mark_best_and_ties(rows: list[StrategyRow], columns: list[tuple[str, str, int]]) -> None:
     """`best` gets every column where a row's mean is the best (ties in the mean all marked); `tied`
-    marks the rows whose ACC interval overlaps the interval of the best ACC."""
+    marks the rows whose ACC interval overlaps the interval of a best ACC (of any of them when several
+    share the best mean). A row of one seed has no interval: it is never tied, nor tied with."""
     for key, _, direction in columns:
         means = [(r, direction * r.estimates[key].mean) for r in rows if key in r.estimates]
         if not means:
@@ -168,13 +169,11 @@ def mark_best_and_ties(rows: list[StrategyRow], columns: list[tuple[str, str, in
         for r, m in means:
             if np.isclose(m, top, rtol=0, atol=1e-12):
                 r.best.add(key)
-    leaders = [r for r in rows if "acc" in r.best]
-    if leaders:
-        low, high = leaders[0].estimates["acc"].interval
-        for r in rows:
-            if "acc" in r.estimates and r not in leaders:
-                lo, hi = r.estimates["acc"].interval
-                r.tied = lo <= high and hi >= low
+    best = [r.estimates["acc"].interval for r in rows if "acc" in r.best and r.estimates["acc"].n >= 2]
+    for r in rows:
+        if "acc" in r.estimates and "acc" not in r.best and r.estimates["acc"].n >= 2:
+            lo, hi = r.estimates["acc"].interval
+            r.tied = any(lo <= high and hi >= low for low, high in best)
 
 
 def protocols(records: list[RunRecord]) -> list[Protocol]:

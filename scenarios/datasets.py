@@ -58,10 +58,13 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise UserError(f"corrupt IDX file {path}: magic number {magic:#010x}, "
                         f"expected {0x800 + ndim:#010x} (unsigned byte, {ndim} dims); {REPLACE_FILE}")
     shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4))
-    expected = int(np.prod(shape))
+    if min(shape) < 0:
+        raise UserError(f"corrupt IDX file {path}: header gives negative sizes {shape}; {REPLACE_FILE}")
+    expected = math.prod(shape)
     if len(raw) - header != expected:
+        why = "truncated download?" if len(raw) - header < expected else "more bytes than the header says"
         raise UserError(f"corrupt IDX file {path}: header says shape {shape} ({expected} bytes) "
-                        f"but {len(raw) - header} bytes follow (truncated download?); {REPLACE_FILE}")
+                        f"but {len(raw) - header} bytes follow ({why}); {REPLACE_FILE}")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -86,7 +89,10 @@ def load_idx_folder(name: str, folder: Path, how_to_get: str) -> LabelledData:
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise UserError(f"{name}: {files[f'x_{split}']} has {len(arrays[f'x_{split}'])} images "
-                            f"but {files[f'y_{split}']} has {len(arrays[f'y_{split}'])} labels")
+                            f"but {files[f'y_{split}']} has {len(arrays[f'y_{split}'])} labels; {REPLACE_FILE}")
+        if arrays[f"y_{split}"].size and int(arrays[f"y_{split}"].max()) >= 10:
+            raise UserError(f"{name}: {files[f'y_{split}']} has label {int(arrays[f'y_{split}'].max())}, outside "
+                            f"0..9; {REPLACE_FILE}")
     return LabelledData(
         name=name,
         x_train=images_to_tensor(arrays["x_train"][:, None]),
@@ -190,9 +196,9 @@ class CifarUnpickler(pickle.Unpickler):
                                      f"lists, bytes and numbers")
 
 
-def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch of the CIFAR "python version": images (N, 3, 32, 32) uint8 and labels
-    (read with `CifarUnpickler`, which runs no code from the file)."""
+def read_cifar_batch(path: Path, label_key: bytes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch of the CIFAR "python version": images (N, 3, 32, 32) uint8 and labels in
+    0..n_classes-1 (read with `CifarUnpickler`, which runs no code from the file)."""
     try:
         with path.open("rb") as f:
             batch = CifarUnpickler(f, encoding="bytes").load()
@@ -208,6 +214,9 @@ def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise UserError(f"corrupt CIFAR batch {path}: data shape {data.shape}, {len(labels)} labels; "
                         f"expected (N, 3072) and N labels; {REPLACE_FILE}")
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
+        raise UserError(f"corrupt CIFAR batch {path}: labels {int(labels.min())}..{int(labels.max())}, outside "
+                        f"0..{n_classes - 1}; {REPLACE_FILE}")
     # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -223,8 +232,8 @@ def load_cifar(name: str, data_dir: str, subdir: str, train_files: list[str], te
     for file in train_files + [test_file]:
         if not (folder / file).is_file():
             raise UserError(f"{name}: missing {folder / file}; {how}")
-    train = [read_cifar_batch(folder / f, label_key) for f in train_files]
-    x_test, y_test = read_cifar_batch(folder / test_file, label_key)
+    train = [read_cifar_batch(folder / f, label_key, n_classes) for f in train_files]
+    x_test, y_test = read_cifar_batch(folder / test_file, label_key, n_classes)
     return LabelledData(
         name=name,
         x_train=images_to_tensor(np.concatenate([x for x, _ in train])),

@@ -415,8 +415,8 @@ def domain_incremental(datasets: list[LabelledData], p: DomainIncrementalParams,
 class BlurryParams:
     n_experiences: int = param(5, "number of experiences; each class has a home experience", low=1,
                                high=MAX_EXPERIENCES)
-    overlap: float = param(0.1, "fraction of each class's training samples spread over the other experiences",
-                          low=0, high=1)
+    overlap: float = param(0.1, "fraction of each class's training samples spread over the other experiences "
+                                "(below (n_experiences - 1) / n_experiences)", low=0, high=1)
     class_order: list[int] = param([], "explicit class order (a permutation of all classes); empty = default",
                                    low=0)
     shuffle_classes: bool = param(False, "without class_order: seeded random class order instead of 0..C-1")
@@ -425,6 +425,10 @@ class BlurryParams:
     def validate(self) -> None:
         if self.overlap > 0 and self.n_experiences < 2:
             raise ValueError("overlap > 0 needs n_experiences >= 2; raise n_experiences or set overlap = 0")
+        most = (self.n_experiences - 1) / self.n_experiences
+        if self.n_experiences >= 2 and self.overlap >= most:  # home keeps 1 - overlap; each other, overlap / (n-1)
+            raise ValueError(f"overlap {self.overlap:g} leaves a class no more samples at home than in each other "
+                             f"experience of {self.n_experiences}; use overlap < {most:.3g}")
         _validate_class_order(self)
 
 

@@ -188,6 +188,11 @@ def test_invalid_params_rejected_by_build_params_too():
         build_params(g.RotatedParams, {"min_angle": 90, "max_angle": 10}, "scenario 'rotated'")
     with pytest.raises(UserError, match="overlap"):
         build_params(g.BlurryParams, {"overlap": -0.1}, "scenario 'blurry'")
+    with pytest.raises(UserError, match="overlap 1 leaves a class no more samples at home"):
+        build_params(g.BlurryParams, {"overlap": 1.0, "n_experiences": 2}, "scenario 'blurry'")
+    with pytest.raises(UserError, match="use overlap < 0.8"):
+        build_params(g.BlurryParams, {"overlap": 0.8, "n_experiences": 5}, "scenario 'blurry'")
+    assert build_params(g.BlurryParams, {"overlap": 0.79, "n_experiences": 5}, "scenario 'blurry'").overlap == 0.79
     assert build_params(g.PermutedParams, {"fraction": 0}, "x").fraction == 0.0
 
 

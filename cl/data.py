@@ -45,8 +45,11 @@ class LabelledData:
                 raise UserError(f"{where}: dataset {self.name!r} has {len(x)} {split} inputs but {len(y)} labels; "
                                 f"check its files")
             if int(y.min()) < 0 or int(y.max()) >= self.n_classes:
-                raise UserError(f"{where}: dataset {self.name!r} has {split} labels outside 0..{self.n_classes - 1} "
-                                f"(found {int(y.min())}..{int(y.max())}); fix the labels or the dataset's n_classes")
+                source = self.description.get("source")  # the folder a loader read, if any
+                origin = f" (read from {source})" if source else ""
+                raise UserError(f"{where}: dataset {self.name!r}{origin} has {split} labels outside "
+                                f"0..{self.n_classes - 1} (found {int(y.min())}..{int(y.max())}); "
+                                f"fix the labels or the dataset's n_classes")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise UserError(f"{where}: dataset {self.name!r} has training inputs of shape "
                             f"{list(self.x_train.shape[1:])} but test inputs of shape {list(self.x_test.shape[1:])}; "

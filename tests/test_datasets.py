@@ -61,7 +61,7 @@ def test_cifar_batches_resaved_with_any_pickle_protocol_are_read(tmp_path: Path,
     through numpy's _frombuffer) was refused as corrupt."""
     x, y = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8), np.arange(4)
     write_cifar_batch(tmp_path / "batch", x, y, b"labels", protocol)
-    data, labels = ds.read_cifar_batch(tmp_path / "batch", b"labels", 10)
+    data, labels = ds.read_cifar_batch(tmp_path / "batch", b"labels")
     assert np.array_equal(data.reshape(4, 3072), x) and labels.tolist() == [0, 1, 2, 3]
 
 
@@ -172,7 +172,7 @@ def test_cifar_data_that_is_not_bytes_is_refused(tmp_path: Path, data: np.ndarra
     """A rescaled copy (floats in [0, 1]) used to load as zeros and ones; 300 as 44."""
     write_cifar_batch(tmp_path / "batch", data, np.arange(2), b"labels")
     with pytest.raises(UserError, match=f"data is {data.dtype}, not the published uint8 .*replace it"):
-        ds.read_cifar_batch(tmp_path / "batch", b"labels", 10)
+        ds.read_cifar_batch(tmp_path / "batch", b"labels")
 
 
 def test_idx_image_and_label_counts_must_match(tmp_path: Path) -> None:
@@ -182,13 +182,13 @@ def test_idx_image_and_label_counts_must_match(tmp_path: Path) -> None:
         ds.fashion_mnist(ds.FashionMnistParams(data_dir=str(tmp_path)))
 
 
-def test_idx_labels_outside_0_to_9_are_refused_naming_the_file(tmp_path: Path) -> None:
+def test_idx_labels_outside_0_to_9_are_refused_naming_the_folder(tmp_path: Path) -> None:
     make_idx_folder(tmp_path, gz=False)
-    bad = tmp_path / "t10k-labels-idx1-ubyte"
-    write_idx(bad, np.array([0, 1, 12, 3, 4], np.uint8))
-    with pytest.raises(UserError, match="label 12, outside 0..9") as err:
-        ds.fashion_mnist(ds.FashionMnistParams(data_dir=str(tmp_path)))
-    assert str(bad) in str(err.value)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 12, 3, 4], np.uint8))
+    data = ds.fashion_mnist(ds.FashionMnistParams(data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=r"test labels outside 0..9 \(found 0..12\)") as err:
+        data.check("dataset")
+    assert f"read from {tmp_path}" in str(err.value)
 
 
 def test_idx_headers_with_negative_sizes_or_extra_bytes_are_refused(tmp_path: Path) -> None:
@@ -201,11 +201,15 @@ def test_idx_headers_with_negative_sizes_or_extra_bytes_are_refused(tmp_path: Pa
         ds.read_idx(bad, ndim=1)
 
 
-@pytest.mark.parametrize("labels", [[0, 10], [-1, 3]])
+@pytest.mark.parametrize("labels", [[0, 10, 1], [-1, 3, 1]])
 def test_cifar_labels_outside_the_classes_are_refused(tmp_path: Path, labels: list[int]) -> None:
-    write_cifar_batch(tmp_path / "batch", np.zeros((2, 3072), np.uint8), np.array(labels), b"labels")
-    with pytest.raises(UserError, match=r"outside 0\.\.9"):
-        ds.read_cifar_batch(tmp_path / "batch", b"labels", 10)
+    make_cifar10(tmp_path / "cifar-10-batches-py")
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", np.zeros((3, 3072), np.uint8),
+                      np.array(labels), b"labels")
+    data = ds.cifar10(ds.Cifar10Params(data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=r"test labels outside 0\.\.9") as err:
+        data.check("dataset")
+    assert "cifar-10-batches-py" in str(err.value)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")),

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from cl.threads import cores
-from script import positive_int, run_script  # beside this script
+from cl.cli import positive_int
+from script import run_script  # beside this script
 
 EXPERIMENT = """
 name = "concurrency"

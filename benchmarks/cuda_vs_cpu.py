@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from script import positive_int, run_script  # beside this script
+from cl.cli import positive_int
+from script import run_script  # beside this script
 
 VARIANTS = ("cpu", "cuda", "cuda_tf32", "cuda_nocudnn")
 STRATEGIES = {"er": {"name": "er"}, "naive": {"name": "naive"}}

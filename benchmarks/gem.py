@@ -39,7 +39,8 @@ from cl.config import load_experiment
 from cl.registry import MODELS
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 from cl.seeding import RUN_STREAMS, spawn_seeds
-from script import positive_int, run_script  # beside this script
+from cl.cli import positive_int
+from script import run_script  # beside this script
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "gem_permuted_mnist5k.toml"
 MEMORY, MARGIN, RIDGE, LR, BATCH = 256, 0.5, 1e-3, 0.1, 10

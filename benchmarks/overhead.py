@@ -38,7 +38,8 @@ from cl.config import build_experiment
 from cl.registry import MODELS
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one, run_stacked
 from cl.seeding import RUN_STREAMS, spawn_seeds
-from script import positive_int, run_script  # beside this script
+from cl.cli import positive_int
+from script import run_script  # beside this script
 
 
 STRATEGIES = {"naive": {"name": "naive"}, "er": {"name": "er", "buffer_size": 500, "replay_batch_size": 10}}

@@ -17,7 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from overhead import STRATEGIES, bare_loop, experiment, warm_up  # beside this script
-from script import positive_int, run_script
+from cl.cli import positive_int
+from script import run_script
 from cl.runner import build_scenario, load_datasets, resolve_device, run_one
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")

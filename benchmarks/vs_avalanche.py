@@ -40,7 +40,8 @@ from cl.runner import build_scenario, build_strategy, input_pipeline, load_datas
     run_stacked
 from cl.stacking import stacking_problem
 from cl.registry import STRATEGIES
-from script import positive_int, run_script  # beside this script
+from cl.cli import positive_int
+from script import run_script  # beside this script
 
 COMPARED = ("naive", "er", "gem", "agem", "lwf", "ewc")  # the strategies `pair` maps to Avalanche's
 PROTOCOLS = {
